@@ -1,0 +1,7 @@
+"""``python -m flatminima`` (also what ``torchrun -m flatminima`` runs)."""
+
+import sys
+
+from flatminima.cli import main
+
+sys.exit(main())

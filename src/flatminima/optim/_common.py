@@ -1,0 +1,78 @@
+"""Shared validation and the torch-SGD base step (private helpers)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def check_nonneg(name: str, value: float) -> None:
+    """Raise ``ValueError("Invalid <name> value: <value>")`` unless ``value`` is finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name} value: {value!r} (expected a non-negative number)")
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"Invalid {name} value: {value} (expected a finite number >= 0)")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is finite and > 0."""
+    check_nonneg(name, value)
+    if value == 0.0:
+        raise ValueError(f"Invalid {name} value: {value} (expected a finite number > 0)")
+
+
+def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bool) -> None:
+    """The checks of ``torch.optim.SGD`` (dampening is always 0 here)."""
+    check_nonneg("learning rate", lr)
+    check_nonneg("momentum", momentum)
+    check_nonneg("weight_decay", weight_decay)
+    if nesterov and momentum <= 0.0:
+        raise ValueError(f"Invalid nesterov value: Nesterov momentum requires momentum > 0, got {momentum}")
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> list[Tensor | None]:
+    """One ``torch.optim.SGD`` step (dampening 0) with the same elementwise operations.
+
+    ``grads`` may be modified in place (they are scratch tensors owned by the caller). Returns the
+    momentum buffers (created on the first call by cloning the gradient, as torch does).
+    """
+    if not params:
+        return bufs
+    if weight_decay != 0.0:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
+    if momentum != 0.0:
+        if all(b is None for b in bufs):
+            bufs = [g.detach().clone() for g in grads]
+        elif any(b is None for b in bufs):  # parameters added after the first step
+            new_bufs: list[Tensor | None] = []
+            for g, b in zip(grads, bufs):
+                if b is None:
+                    new_bufs.append(g.detach().clone())
+                else:
+                    new_bufs.append(b.mul_(momentum).add_(g))
+            bufs = new_bufs
+        else:
+            torch._foreach_mul_(bufs, momentum)  # type: ignore[arg-type]
+            torch._foreach_add_(bufs, grads)  # type: ignore[arg-type]
+        if nesterov:
+            torch._foreach_add_(grads, bufs, alpha=momentum)  # type: ignore[arg-type]
+            update = grads
+        else:
+            update = bufs  # type: ignore[assignment]
+    else:
+        update = grads
+    torch._foreach_add_(params, update, alpha=-lr)
+    return bufs

@@ -1,0 +1,277 @@
+"""One adapter per algorithm, so that a single training loop drives all of them.
+
+An :class:`Algorithm` owns the model(s), the optimizer and the coupling schedule, and knows how many
+minibatches and gradient evaluations one optimizer step takes. The loop hands it a ``next_batch``
+callable (``next_batch(stream)`` returns the next ``(x, y)`` of data stream ``stream``: one stream,
+or one per replica for rSGD) and asks it for the models to evaluate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatminima.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+NextBatch = Callable[[int], Batch]
+
+
+class Algorithm:
+    """Base adapter: a plain model trained by a torch optimizer (SGD)."""
+
+    name = "sgd"
+    #: data streams (independent shuffles) the algorithm draws from
+    num_streams = 1
+    #: minibatches drawn from each stream per optimizer step
+    batches_per_step = 1
+    #: backward passes (minibatch gradient evaluations) per optimizer step, over all copies
+    passes_per_step = 1
+
+    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        )
+        self.gamma_scheduler: Any = None
+        self.model = model_factory().to(device)
+        self.optimizer = self._make_optimizer()
+
+    # ------------------------------------------------------------------ building blocks
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                               nesterov=c.nesterov, weight_decay=c.weight_decay)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        with self.autocast():
+            out = model(x)
+        return F.cross_entropy(out.float(), y)
+
+    def make_gamma_scheduler(self, total_steps: int) -> None:
+        """Attach the exponential coupling schedule ("scoping") when the algorithm has a gamma."""
+
+    # ------------------------------------------------------------------ the step
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def step(self, next_batch: NextBatch) -> float:
+        """One optimizer step; returns the mean minibatch loss it saw."""
+        batch = next_batch(0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.model, batch)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def after_step(self) -> None:
+        if self.gamma_scheduler is not None:
+            self.gamma_scheduler.step()
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_models(self, recalibrate_data: Iterator[Batch] | None = None) -> dict[str, nn.Module]:
+        """The networks to evaluate; the first one is the one reported as *the* result."""
+        return {"model": self.model}
+
+    def ensemble_members(self) -> list[nn.Module]:
+        return []
+
+    def current_gamma(self) -> float | None:
+        group = self.optimizer.param_groups[0]
+        return float(group["gamma"]) if "gamma" in group else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.gamma_scheduler is not None:
+            state["gamma_scheduler"] = self.gamma_scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.gamma_scheduler is not None and "gamma_scheduler" in state:
+            self.gamma_scheduler.load_state_dict(state["gamma_scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class EntropySGDAlgorithm(Algorithm):
+    name = "esgd"
+
+    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
+                 device: torch.device) -> None:
+        self.batches_per_step = cfg.inner_steps
+        self.passes_per_step = cfg.inner_steps
+        super().__init__(cfg, model_factory, device)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        from flatminima.optim import EntropySGD
+
+        c = self.cfg
+        return EntropySGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                          nesterov=c.nesterov, weight_decay=c.weight_decay,
+                          inner_steps=c.inner_steps, inner_lr=c.inner_lr, noise=c.noise,
+                          mu_decay=c.mu_decay, gamma=c.gamma, scale_by_gamma=c.scale_by_gamma,
+                          seed=c.seed)
+
+    def make_gamma_scheduler(self, total_steps: int) -> None:
+        self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
+
+    def step(self, next_batch: NextBatch) -> float:
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.model, next_batch(0))
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            return loss.detach()
+
+        if self.scaler is not None:
+            out = self.optimizer.step(closure, grad_scaler=self.scaler)
+        else:
+            out = self.optimizer.step(closure)
+        return float(out)
+
+
+class SAMAlgorithm(Algorithm):
+    name = "sam"
+    passes_per_step = 2
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        from flatminima.optim import SAM
+
+        c = self.cfg
+        return SAM(self.model.parameters(), torch.optim.SGD, rho=c.rho, adaptive=c.adaptive,
+                   model=self.model, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                   weight_decay=c.weight_decay)
+
+    def step(self, next_batch: NextBatch) -> float:
+        batch = next_batch(0)  # both passes see the same minibatch
+        first: list[float] = []
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.model, batch)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            first.append(float(loss.detach()))
+            return loss.detach()
+
+        if self.scaler is not None:
+            self.optimizer.step(closure, grad_scaler=self.scaler)
+        else:
+            self.optimizer.step(closure)
+        return first[0]  # the loss at w, not at the ascent point
+
+
+class ReplicatedSGDAlgorithm(Algorithm):
+    name = "rsgd"
+
+    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
+                 device: torch.device) -> None:
+        from flatminima.optim import Replicas
+
+        self.cfg = cfg
+        self.device = device
+        self.num_streams = cfg.num_replicas
+        self.passes_per_step = cfg.num_replicas
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.gamma_scheduler = None
+        self.replicas = Replicas(model_factory, cfg.num_replicas, init=cfg.replica_init,
+                                 seed=cfg.seed).to(device)
+        self.model = self.replicas  # what state_dict() saves
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        from flatminima.optim import ReplicatedSGD
+
+        c = self.cfg
+        return ReplicatedSGD(self.replicas, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                             weight_decay=c.weight_decay, gamma=c.gamma,
+                             coupling_every=c.coupling_every)
+
+    def make_gamma_scheduler(self, total_steps: int) -> None:
+        self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
+
+    def step(self, next_batch: NextBatch) -> float:
+        self.optimizer.zero_grad()
+        total = None
+        for a, replica in enumerate(self.replicas):
+            loss = self.loss(replica, next_batch(a))
+            total = loss if total is None else total + loss
+        assert total is not None
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
+        return float(total.detach()) / len(self.replicas)
+
+    def eval_models(self, recalibrate_data: Iterator[Batch] | None = None) -> dict[str, nn.Module]:
+        center = self.replicas.center()
+        if self.cfg.bn == "recalibrate" and recalibrate_data is not None:
+            self.replicas.recalibrate_bn(recalibrate_data)
+        models: dict[str, nn.Module] = {"center": center}
+        for a, replica in enumerate(self.replicas):
+            models[f"replica{a}"] = replica
+        return models
+
+    def ensemble_members(self) -> list[nn.Module]:
+        return list(self.replicas)
+
+
+def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from flatminima.optim.schedules import ExponentialGamma
+
+    return ExponentialGamma(optimizer, cfg.gamma, growth=cfg.gamma_growth,
+                            total_steps=max(total_steps, 1), gamma_max=cfg.gamma_max)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "sgd": Algorithm,
+    "esgd": EntropySGDAlgorithm,
+    "rsgd": ReplicatedSGDAlgorithm,
+    "sam": SAMAlgorithm,
+}
+
+
+def build_algorithm(cfg: TrainConfig, model_factory: Callable[[], nn.Module],
+                    device: torch.device) -> Algorithm:
+    try:
+        cls = ALGORITHMS[cfg.optimizer]
+    except KeyError:
+        raise ValueError(
+            f"Unknown optimizer {cfg.optimizer!r}; valid: {', '.join(ALGORITHMS)}"
+        ) from None
+    return cls(cfg, model_factory, device)

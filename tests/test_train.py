@@ -1,0 +1,255 @@
+"""The training loop: budgets, schedules, run folders, exact resume after SIGKILL, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatminima.data import load_dataset
+from flatminima.train import DivergenceError, TrainConfig, Trainer, load_run, make_plan, train
+from flatminima.train.loop import lr_factor
+
+TIME_COLUMNS = {"train_time_s", "eval_time_s"}
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(data="gmm", model="mlp", model_kwargs={"hidden": [16]}, epochs=2, batch_size=32,
+                lr=0.05, progress=False, train_eval_samples=200, lr_schedule="cosine")
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with (path / "metrics.csv").open() as fh:
+        return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in csv.DictReader(fh)]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "changes, word",
+    [({"optimizer": "adam"}, "optimizer"), ({"lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size"),
+     ({"mu_decay": 1.0}, "mu_decay"), ({"budget": "flops"}, "budget"),
+     ({"nesterov": True, "momentum": 0.0}, "nesterov"), ({"lr_milestones": [1.5]}, "lr_milestones"),
+     ({"bogus_key": 1}, "bogus_key")],
+)
+def test_config_rejects_bad_values(changes, word):
+    with pytest.raises(ValueError, match=word):
+        TrainConfig.from_dict(changes)
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = small_cfg(optimizer="rsgd", num_replicas=2)
+    (tmp_path / "c.yaml").write_text(
+        "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items()))
+    again = TrainConfig.from_yaml(tmp_path / "c.yaml", {"seed": 3})
+    assert again.replace(seed=0) == cfg and again.seed == 3
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("optimizer, extra", [("sgd", {}), ("sam", {}),
+                                              ("rsgd", {"num_replicas": 3}),
+                                              ("esgd", {"inner_steps": 4})])
+def test_equal_grad_eval_budget(optimizer, extra):
+    """Under the default budget every algorithm spends the same gradient evaluations."""
+    data = load_dataset("gmm", n_train=960, n_test=100)
+    cfg = small_cfg(optimizer=optimizer, epochs=6, batch_size=32, **extra)
+    trainer = Trainer(cfg, data=data)
+    plan = trainer.plan
+    assert plan.total_grad_evals == pytest.approx(6 * 960, rel=0.02)
+    per_replica_epochs = plan.total_steps * trainer.algo.batches_per_step / plan.steps_per_epoch
+    expected = {"sgd": 6, "sam": 3, "rsgd": 2, "esgd": 6}[optimizer]
+    assert per_replica_epochs == pytest.approx(expected, rel=0.02)
+
+
+def test_equal_epochs_budget_is_per_replica():
+    data = load_dataset("gmm", n_train=960, n_test=100)
+    cfg = small_cfg(optimizer="rsgd", num_replicas=3, epochs=2, budget="epochs")
+    trainer = Trainer(cfg, data=data)
+    assert trainer.plan.total_steps == 2 * (960 // 32)
+    assert trainer.plan.total_grad_evals == 3 * 2 * 960
+
+
+def test_lr_schedules():
+    data = load_dataset("gmm", n_train=320, n_test=100)
+    cfg = small_cfg(epochs=10, lr_schedule="step", lr_milestones=[0.5], lr_decay=0.1,
+                    warmup_epochs=1)
+    trainer = Trainer(cfg, data=data)
+    f = lr_factor(cfg, trainer.plan)
+    spe = trainer.plan.steps_per_epoch
+    assert f(0) == pytest.approx(1 / spe) and f(spe - 1) == pytest.approx(1.0)
+    assert f(trainer.plan.total_steps // 2 - 1) == 1.0
+    assert f(trainer.plan.total_steps // 2) == pytest.approx(0.1)
+    cos = lr_factor(cfg.replace(lr_schedule="cosine", warmup_epochs=0), trainer.plan)
+    assert cos(0) == 1.0 and cos(trainer.plan.total_steps) == pytest.approx(0.0, abs=1e-12)
+    assert cos(trainer.plan.total_steps // 2) == pytest.approx(0.5, abs=0.02)
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def test_run_folder_contents_and_skip_when_complete(tmp_path):
+    cfg = small_cfg(epochs=2)
+    summary = train(cfg, tmp_path / "run")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "metrics.csv", "checkpoint.pt", "summary.json"} <= files
+    assert summary["status"] == "complete"
+    rows = read_metrics(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert int(rows[-1]["grad_evals"]) == summary["grad_evals"] > 0
+    assert float(rows[-1]["test_error"]) < 0.5  # learnt something on an easy mixture
+    mtime = (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns
+    again = train(cfg, tmp_path / "run")  # complete: skipped, nothing rewritten
+    assert again["final"] == summary["final"]
+    assert (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from flatminima.train import ResumeMismatchError
+
+    cfg = small_cfg(epochs=2)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer._run_epoch(None)  # one epoch, checkpointed, not finished
+    with pytest.raises(ResumeMismatchError, match="lr"):
+        train(cfg.replace(lr=0.1), tmp_path / "run")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "esgd", "rsgd", "sam"])
+def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
+    extra = {"esgd": {"inner_steps": 2, "gamma": 0.03, "gamma_growth": 10.0, "noise": 1e-3},
+             "rsgd": {"num_replicas": 2, "gamma": 0.01, "gamma_growth": 10.0}}.get(optimizer, {})
+    cfg = small_cfg(optimizer=optimizer, epochs=3, **extra)
+    full = train(cfg, tmp_path / "full")
+    part = Trainer(cfg, tmp_path / "part")
+    part._run_epoch(None)
+    del part
+    resumed = train(cfg, tmp_path / "part")
+    assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "part")
+    assert resumed["final"]["test_error"] == full["final"]["test_error"]
+
+
+def _train_cmd(out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "flatminima", "train", "--data", "gmm", "--model", "mlp",
+            "--optimizer", "esgd", "--inner-steps", "2", "--noise", "1e-3", "--gamma", "0.03",
+            "--epochs", str(epochs), "--batch-size", "8", "--train-eval-samples", "200",
+            "--no-progress", "--out", str(out)]
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    """A run killed with SIGKILL mid-training and resumed ends with the same metrics."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    epochs = 6
+    subprocess.run(_train_cmd(tmp_path / "full", epochs), check=True, env=env,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed", epochs), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows_at_kill = len(metrics.read_text().splitlines()) - 1
+    assert 2 <= rows_at_kill < epochs, "the run must be killed part-way"
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    subprocess.run(_train_cmd(tmp_path / "killed", epochs), check=True, env=env,
+                   capture_output=True, timeout=300)
+    assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "killed")
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = small_cfg(epochs=4, lr=1e-3)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer._run_epoch(None)
+    good = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    with torch.no_grad():  # poison the weights: the next step's loss is NaN
+        for p in trainer.algo.model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="nan"):
+        trainer.run()
+    kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert kept["step"] == good["step"]
+    for k, v in good["algorithm"]["model"].items():
+        assert torch.equal(kept["algorithm"]["model"][k], v)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "checkpoint" in summary["message"]
+
+
+def test_load_run_restores_the_model(tmp_path):
+    cfg = small_cfg(optimizer="rsgd", num_replicas=2, epochs=1)
+    summary = train(cfg, tmp_path / "run")
+    trainer = load_run(tmp_path / "run")
+    from flatminima.train import evaluate
+
+    center = trainer.algo.eval_models()["center"]
+    _, err = evaluate(center, trainer.data.test)
+    assert err == pytest.approx(summary["final"]["test_error"])
+
+
+def test_rsgd_reports_centre_replicas_and_ensemble(tmp_path):
+    cfg = small_cfg(optimizer="rsgd", num_replicas=3, epochs=3, gamma=0.01)
+    final = train(cfg, tmp_path / "run")["final"]
+    for key in ("test_error", "replica0_test_error", "replica2_test_error",
+                "replica_mean_test_error", "ensemble_test_error"):
+        assert 0 <= final[key] <= 1 and math.isfinite(final[key])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_runs_and_prints_result(tmp_path, capsys):
+    from flatminima.cli import main
+
+    rc = main(["train", "--data", "gmm", "--model", "mlp", "--model-kwargs", "hidden=8",
+               "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "test error" in out and "run folder" in out
+
+
+def test_cli_unknown_names_list_valid_ones(capsys):
+    from flatminima.cli import main
+
+    assert main(["train", "--data", "nope", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "fashion-mnist" in err
+    assert main(["train", "--data", "gmm", "--model", "nope", "--no-progress",
+                 "--out", "/tmp/flatminima-never"]) == 1
+    assert "resnet18" in capsys.readouterr().err
+
+
+def test_cli_data_lists_datasets(capsys):
+    from flatminima.cli import main
+
+    assert main(["data"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fashion-mnist", "cifar10", "digits"):
+        assert name in out
+
+
+# ---------------------------------------------------------------------------- real data
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FMNIST.is_dir() and not os.environ.get("FLATMINIMA_DATA"),
+                    reason="Fashion-MNIST files not found (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_short_training(tmp_path):
+    cfg = TrainConfig(data="fashion-mnist", model="mlp", train_subset=6000, epochs=2,
+                      lr=0.05, batch_size=64, progress=False, train_eval_samples=2000)
+    summary = train(cfg, tmp_path / "run")
+    assert summary["final"]["test_error"] < 0.25
