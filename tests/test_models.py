@@ -40,6 +40,13 @@ SMALL_KWARGS: dict[str, dict[str, object]] = {
 }
 
 
+# ----------------------------------------------------------------------------- helpers
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    # torch.testing.assert_close costs seconds of lazy imports on first use; this is enough.
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), (a - b).abs().max().item()
+
+
 # ----------------------------------------------------------------------------- closed forms
 def mlp_count(d: int, hidden: tuple[int, ...], c: int) -> int:
     widths = (d, *hidden, c)
@@ -48,8 +55,8 @@ def mlp_count(d: int, hidden: tuple[int, ...], c: int) -> int:
 
 def cnn_count(c_in: int, h: int, w: int, width: int, c: int) -> int:
     c1, c2, f = width // 2, width, 4 * width
-    return (c_in * 9 * c1 + c1) + (c1 * 9 * c2 + c2) + (c2 * (h // 4) * (w // 4) * f + f) + (
-        f * c + c
+    return (
+        (c_in * 9 * c1 + c1) + (c1 * 9 * c2 + c2) + (c2 * (h // 4) * (w // 4) * f + f) + (f * c + c)
     )
 
 
@@ -75,7 +82,7 @@ def wrn_count(c_in: int, depth: int, k: int, c: int) -> int:
         for b in range(n):
             a = cin if b == 0 else cout
             total += 2 * a + 9 * a * cout + 2 * cout + 9 * cout * cout
-            if b == 0 and a != cout or (b == 0 and g > 0):
+            if b == 0 and (a != cout or g > 0):  # projection: channels or stride change
                 total += a * cout
     return total + 2 * widths[3] + widths[3] * c + c
 
@@ -102,7 +109,7 @@ def test_flat_square_input_is_read_as_image() -> None:
     torch.manual_seed(0)
     image = SmallCNN((1, 8, 8), 10, width=8).eval()
     x = torch.randn(4, 1, 8, 8)
-    torch.testing.assert_close(flat(x.reshape(4, 64)), image(x))
+    assert_close(flat(x.reshape(4, 64)), image(x))
 
 
 def test_cnn_large_images_are_pooled_to_8x8() -> None:
@@ -118,14 +125,14 @@ def test_reference_parameter_counts() -> None:
     assert count_parameters(WideResNet((3, 32, 32), 10)) == 36_479_194
 
 
-@pytest.mark.parametrize("width", [4, 16, 64])
+@pytest.mark.parametrize("width", [4, 16])
 def test_resnet18_count_closed_form(width: int) -> None:
     for c_in, c in [(3, 10), (1, 100)]:
         model = build_model("resnet18", (c_in, 32, 32), c, width=width)
         assert count_parameters(model) == resnet18_count(c_in, width, c)
 
 
-@pytest.mark.parametrize(("depth", "k"), [(10, 1), (16, 4), (22, 2), (28, 10)])
+@pytest.mark.parametrize(("depth", "k"), [(10, 1), (16, 4), (22, 2)])
 def test_wrn_count_closed_form(depth: int, k: int) -> None:
     assert count_parameters(WideResNet((3, 32, 32), 10, depth, k)) == wrn_count(3, depth, k, 10)
 
@@ -190,7 +197,7 @@ def test_batchnorm_and_dropout_options() -> None:
     # Dropout is active in train mode and off in eval mode.
     x = torch.randn(16, 1, 28, 28)
     cnn.eval()
-    torch.testing.assert_close(cnn(x), cnn(x))
+    assert_close(cnn(x), cnn(x))
     cnn.train()
     assert not torch.equal(cnn(x), cnn(x))
     wrn = WideResNet((3, 8, 8), 10, 10, 1, dropout=0.3)
@@ -207,7 +214,7 @@ def test_wrn_shortcut_matches_reference_semantics() -> None:
         a = F.relu(block.bn1(x))
         body = block.conv2(F.relu(block.bn2(block.conv1(a))))
         skip = x if block.shortcut is None else block.shortcut(a)
-        torch.testing.assert_close(block(x), body + skip)
+        assert_close(block(x), body + skip)
     assert model.block2[0].shortcut is not None and model.block2[1].shortcut is None
 
 
@@ -364,23 +371,23 @@ def test_functional_call_under_vmap_matches_modules(name: str) -> None:
 
     out = torch.vmap(f, in_dims=(0, 0, None))(params, buffers, x)
     expected = torch.stack([r(x) for r in replicas])
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert_close(out, expected)
 
 
 # ----------------------------------------------------------------------------- optimisation
 def test_cnn_overfits_random_labels() -> None:
     torch.manual_seed(0)
-    x = torch.randn(256, 1, 16, 16)
+    x = torch.randn(256, 1, 8, 8)
     y = torch.randint(0, 10, (256,))
-    model = SmallCNN((1, 16, 16), 10, width=32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model = SmallCNN((1, 8, 8), 10, width=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def train_error() -> float:
         with torch.no_grad():
             return (model(x).argmax(1) != y).float().mean().item()
 
     start = train_error()
-    for _ in range(60):
+    for _ in range(50):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -419,8 +426,10 @@ def test_cnn_fashion_mnist_below_10_percent_in_10_epochs() -> None:
     mean, std = xtr.mean(), xtr.std()
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
     torch.manual_seed(0)
-    model = build_model("cnn", (1, 28, 28), 10)
+    model = build_model("cnn", (1, 28, 28), 10).to(device)
     epochs, batch = 10, 128
     steps = epochs * (len(xtr) // batch)
     opt = torch.optim.SGD(
@@ -429,7 +438,7 @@ def test_cnn_fashion_mnist_below_10_percent_in_10_epochs() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
         model.train()
-        perm = torch.randperm(len(xtr))
+        perm = torch.randperm(len(xtr), device=device)
         for i in range(len(xtr) // batch):
             idx_b = perm[i * batch : (i + 1) * batch]
             opt.zero_grad()

@@ -23,7 +23,7 @@ TIME_COLUMNS = {"train_time_s", "eval_time_s"}
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(data="gmm", model="mlp", model_kwargs={"hidden": [16]}, epochs=2, batch_size=32,
+    base = dict(data="gmm", data_kwargs={"num_train": 640, "num_test": 500}, model="mlp", model_kwargs={"hidden": [16]}, epochs=2, batch_size=32,
                 lr=0.05, progress=False, train_eval_samples=200, lr_schedule="cosine")
     base.update(kw)
     return TrainConfig.from_dict(base)
@@ -65,18 +65,18 @@ def test_config_yaml_round_trip(tmp_path):
                                               ("esgd", {"inner_steps": 4})])
 def test_equal_grad_eval_budget(optimizer, extra):
     """Under the default budget every algorithm spends the same gradient evaluations."""
-    data = load_dataset("gmm", n_train=960, n_test=100)
+    data = load_dataset("gmm", num_train=960, num_test=100)
     cfg = small_cfg(optimizer=optimizer, epochs=6, batch_size=32, **extra)
     trainer = Trainer(cfg, data=data)
     plan = trainer.plan
     assert plan.total_grad_evals == pytest.approx(6 * 960, rel=0.02)
-    per_replica_epochs = plan.total_steps * trainer.algo.batches_per_step / plan.steps_per_epoch
+    per_replica_epochs = plan.total_steps * trainer.algo.batches_per_step * 32 / 960
     expected = {"sgd": 6, "sam": 3, "rsgd": 2, "esgd": 6}[optimizer]
     assert per_replica_epochs == pytest.approx(expected, rel=0.02)
 
 
 def test_equal_epochs_budget_is_per_replica():
-    data = load_dataset("gmm", n_train=960, n_test=100)
+    data = load_dataset("gmm", num_train=960, num_test=100)
     cfg = small_cfg(optimizer="rsgd", num_replicas=3, epochs=2, budget="epochs")
     trainer = Trainer(cfg, data=data)
     assert trainer.plan.total_steps == 2 * (960 // 32)
@@ -84,7 +84,7 @@ def test_equal_epochs_budget_is_per_replica():
 
 
 def test_lr_schedules():
-    data = load_dataset("gmm", n_train=320, n_test=100)
+    data = load_dataset("gmm", num_train=320, num_test=100)
     cfg = small_cfg(epochs=10, lr_schedule="step", lr_milestones=[0.5], lr_decay=0.1,
                     warmup_epochs=1)
     trainer = Trainer(cfg, data=data)
@@ -121,8 +121,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     from flatminima.train import ResumeMismatchError
 
     cfg = small_cfg(epochs=2)
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer._run_epoch(None)  # one epoch, checkpointed, not finished
+    Trainer(cfg, tmp_path / "run").run(max_epochs=1)  # one epoch, checkpointed, not finished
     with pytest.raises(ResumeMismatchError, match="lr"):
         train(cfg.replace(lr=0.1), tmp_path / "run")
 
@@ -133,9 +132,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
              "rsgd": {"num_replicas": 2, "gamma": 0.01, "gamma_growth": 10.0}}.get(optimizer, {})
     cfg = small_cfg(optimizer=optimizer, epochs=3, **extra)
     full = train(cfg, tmp_path / "full")
-    part = Trainer(cfg, tmp_path / "part")
-    part._run_epoch(None)
-    del part
+    assert Trainer(cfg, tmp_path / "part").run(max_epochs=1)["status"] == "incomplete"
     resumed = train(cfg, tmp_path / "part")
     assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "part")
     assert resumed["final"]["test_error"] == full["final"]["test_error"]
@@ -143,15 +140,16 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
 
 def _train_cmd(out: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "flatminima", "train", "--data", "gmm", "--model", "mlp",
+            "--data-kwargs", "num_train=1280,num_test=500,dim=50",
             "--optimizer", "esgd", "--inner-steps", "2", "--noise", "1e-3", "--gamma", "0.03",
-            "--epochs", str(epochs), "--batch-size", "8", "--train-eval-samples", "200",
+            "--epochs", str(epochs), "--batch-size", "16", "--train-eval-samples", "200",
             "--no-progress", "--out", str(out)]
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     """A run killed with SIGKILL mid-training and resumed ends with the same metrics."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    epochs = 6
+    epochs = 10
     subprocess.run(_train_cmd(tmp_path / "full", epochs), check=True, env=env,
                    capture_output=True, timeout=300)
     proc = subprocess.Popen(_train_cmd(tmp_path / "killed", epochs), env=env,
@@ -175,11 +173,17 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = small_cfg(epochs=4, lr=1e-3)
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer._run_epoch(None)
+    trainer.run(max_epochs=1)
     good = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    with torch.no_grad():  # poison the weights: the next step's loss is NaN
-        for p in trainer.algo.model.parameters():
-            p.fill_(float("nan"))
+    real_loss = trainer.algo.loss
+    calls = []
+
+    def poisoned(model, batch):  # a few good steps, then the loss becomes NaN
+        calls.append(1)
+        loss = real_loss(model, batch)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    trainer.algo.loss = poisoned
     with pytest.raises(DivergenceError, match="nan"):
         trainer.run()
     kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
@@ -253,3 +257,23 @@ def test_real_fashion_mnist_short_training(tmp_path):
                       lr=0.05, batch_size=64, progress=False, train_eval_samples=2000)
     summary = train(cfg, tmp_path / "run")
     assert summary["final"]["test_error"] < 0.25
+
+
+def test_cli_flatness_measures_a_finished_run(tmp_path, capsys):
+    from flatminima.cli import main
+
+    cfg = small_cfg(optimizer="rsgd", num_replicas=2, epochs=1)
+    train(cfg, tmp_path / "run")
+    rc = main(["flatness", str(tmp_path / "run"), "--sigmas", "0,0.5,1", "--draws", "3",
+               "--samples", "200", "--all-models", "--hessian", "--hessian-samples", "100"])
+    assert rc == 0
+    out = tmp_path / "run" / "flatness"
+    rows = list(csv.DictReader((out / "local_energy.csv").open()))
+    assert {r["model"] for r in rows} == {"center", "replica0", "replica1"}
+    at_zero = [float(r["delta_error"]) for r in rows if float(r["sigma"]) == 0]
+    assert at_zero == [0.0, 0.0, 0.0]  # no noise, no change
+    big = [float(r["delta_loss"]) for r in rows if float(r["sigma"]) == 1]
+    assert all(b > 0 for b in big)  # strong noise hurts a trained network
+    assert (out / "local_energy.png").stat().st_size > 1000
+    assert json.loads((out / "hessian.json").read_text())["top_eigenvalue"] > 0
+    assert "delta_error" in capsys.readouterr().out

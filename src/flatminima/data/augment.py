@@ -53,18 +53,28 @@ class Augment:
             raise ValueError(f"Augment expects images [N, C, H, W], got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         p = self.crop_padding
+        if p == 0 and not self.hflip:
+            return x
+        dev = x.device
         if p > 0:
-            off = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device)
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
-            rows = off[:, 0, None] + torch.arange(h, device=x.device)  # [N, H]
-            cols = off[:, 1, None] + torch.arange(w, device=x.device)  # [N, W]
-            idx_r = rows[:, None, :, None].expand(n, c, h, w + 2 * p)
-            x = padded.gather(2, idx_r)
-            x = x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+            off = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(dev)
+        else:
+            off = torch.zeros(n, 2, dtype=torch.int64, device=dev)
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+            flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+        else:
+            flip = torch.zeros(n, dtype=torch.bool, device=dev)
+        # Crop and flip as one gather over the flattened padded plane:
+        # out[i, :, r, s] = padded[i, :, a_i + r, b_i + (W - 1 - s if flip_i else s)].
+        w2 = w + 2 * p
+        padded = torch.nn.functional.pad(x, (p, p, p, p)) if p > 0 else x
+        r = torch.arange(h, device=dev)
+        s = torch.arange(w, device=dev)
+        col = torch.where(flip[:, None], (w - 1) - s, s) + off[:, 1, None]  # [N, W]
+        row = (off[:, 0, None] + r) * w2  # [N, H]
+        idx = (row[:, :, None] + col[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+        out = padded.reshape(n, c, -1).gather(2, idx)
+        return out.reshape(n, c, h, w)
 
 
 def default_augment(name: str) -> Augment | None:

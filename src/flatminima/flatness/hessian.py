@@ -241,7 +241,7 @@ def _lanczos(
     Q = torch.stack(basis[: len(alphas)])
     kk = min(k, theta.numel())
     vals = theta[-kk:].flip(0)
-    vecs = s[:, -kk:].flip(1).T @ Q
+    vecs = s[:, -kk:].flip(1).T.to(Q.device) @ Q  # T (and s) are small, on the CPU
     return vals, vecs, len(alphas), converged
 
 

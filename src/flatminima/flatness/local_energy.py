@@ -288,27 +288,30 @@ def local_energy(
             base_loss, base_err = evaluate_batches(
                 model, batches, loss_fn, classification=classification
             )
-            loss_draws: list[list[float]] = []
-            err_draws: list[list[float]] = []
-            for s in sig:
-                ls: list[float] = []
-                es: list[float] = []
-                for d in range(n_draws):
-                    if s == 0.0:  # w * (1 + 0 xi) == w exactly: no need to evaluate
-                        ls.append(base_loss)
-                        es.append(base_err if base_err is not None else math.nan)
-                        continue
-                    perturber.perturb_(s, seed + d)
+            # draw-major loop: xi_d is generated once and reused for every sigma (common random
+            # numbers; noise generation costs once per draw, not per (draw, sigma))
+            loss_draws: list[list[float]] = [[] for _ in sig]
+            err_draws: list[list[float]] = [[] for _ in sig]
+            nonzero = [i for i, s in enumerate(sig) if s != 0.0]
+            for i, s in enumerate(sig):
+                if s == 0.0:  # w * (1 + 0 xi) == w exactly: no need to evaluate
+                    loss_draws[i] = [base_loss] * n_draws
+                    err_draws[i] = [base_err if base_err is not None else math.nan] * n_draws
+            for d in range(n_draws if nonzero else 0):
+                xi = perturber.draw(seed + d)
+                for i in nonzero:
+                    perturber.apply_(sig[i], xi)
                     if recal:
                         recalibrate_bn(model, bn_batches)
                     lv, ev = evaluate_batches(
                         model, batches, loss_fn, classification=classification
                     )
-                    ls.append(lv)
-                    es.append(ev if ev is not None else math.nan)
-                loss_draws.append(ls)
-                err_draws.append(es)
-                logger.debug("local_energy sigma=%g mean loss %.6g", s, sum(ls) / len(ls))
+                    loss_draws[i].append(lv)
+                    err_draws[i].append(ev if ev is not None else math.nan)
+                del xi
+            logger.debug(
+                "local_energy: %d sigmas x %d draws on %d samples", len(sig), n_draws, n_samples
+            )
         finally:
             perturber.restore_()
 

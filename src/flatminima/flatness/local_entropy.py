@@ -186,6 +186,7 @@ def _check_common(
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
 
 
+@torch.no_grad()
 def _integrate(
     energy_and_grad: EnergyGrad,
     w0: Tensor,

@@ -145,9 +145,9 @@ def materialize_batches(
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs and targets differ in length: {x.shape[0]} vs {y.shape[0]}")
         n = x.shape[0] if max_samples is None else min(x.shape[0], max_samples)
-        it: Iterable[object] = (
+        it: Iterable[object] = [
             (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)
-        )
+        ]
     elif isinstance(data, Iterable):
         it = data
     else:
@@ -158,16 +158,16 @@ def materialize_batches(
     out: Batches = []
     seen = 0
     for batch in it:
-        x, y = _split_batch(batch)
-        if max_samples is not None and seen + x.shape[0] > max_samples:
+        bx, by = _split_batch(batch)
+        if max_samples is not None and seen + bx.shape[0] > max_samples:
             keep = max_samples - seen
-            x, y = x[:keep], y[:keep]
-        if x.shape[0] == 0:
+            bx, by = bx[:keep], by[:keep]
+        if bx.shape[0] == 0:
             continue
         if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out.append((x, y))
-        seen += x.shape[0]
+            bx, by = bx.to(device, non_blocking=True), by.to(device, non_blocking=True)
+        out.append((bx, by))
+        seen += bx.shape[0]
         if max_samples is not None and seen >= max_samples:
             break
     if not out:
@@ -297,22 +297,36 @@ class NoisePerturber:
         return g
 
     @torch.no_grad()
+    def draw(self, seed: int) -> list[Tensor]:
+        """One draw of ``xi ~ N(0, I)``: a flat tensor per (device, dtype) group, from ``seed``.
+
+        Drawing once and applying it for several sigmas (:meth:`apply_`) makes the noise
+        generation cost per draw, not per (draw, sigma).
+        """
+        return [
+            torch.randn(numel, generator=self._generator(dev, seed), device=dev, dtype=dtype)
+            for dev, dtype, _, _, numel in self._groups
+        ]
+
+    @torch.no_grad()
+    def apply_(self, sigma: float, xi: Sequence[Tensor]) -> None:
+        """Set the tensors to ``w0 * (1 + sigma xi)`` (or ``w0 + sigma xi``) for a drawn ``xi``."""
+        for (_, _, ts, saved, _), flat in zip(self._groups, xi):
+            torch._foreach_copy_(ts, saved)
+            if sigma == 0.0:
+                continue
+            views = [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in ts]), ts)]
+            if self.noise == "multiplicative":
+                torch._foreach_addcmul_(ts, saved, views, value=sigma)
+            else:
+                torch._foreach_add_(ts, views, alpha=sigma)
+
     def perturb_(self, sigma: float, seed: int) -> None:
         """Set the tensors to ``w0`` perturbed by one draw of noise seeded by ``seed``.
 
         The same ``seed`` gives the same ``xi`` for every ``sigma`` (common random numbers).
         """
-        for dev, dtype, ts, saved, numel in self._groups:
-            torch._foreach_copy_(ts, saved)
-            if sigma == 0.0:
-                continue
-            g = self._generator(dev, seed)
-            flat = torch.randn(numel, generator=g, device=dev, dtype=dtype)
-            xi = [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in ts]), ts)]
-            if self.noise == "multiplicative":
-                torch._foreach_addcmul_(ts, saved, xi, value=sigma)
-            else:
-                torch._foreach_add_(ts, xi, alpha=sigma)
+        self.apply_(sigma, self.draw(seed) if sigma != 0.0 else [None] * len(self._groups))
 
     @torch.no_grad()
     def restore_(self) -> None:

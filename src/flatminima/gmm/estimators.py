@@ -194,20 +194,24 @@ def erm_logistic(
 
 
 def is_separable(X: np.ndarray, y: np.ndarray, fit_intercept: bool = False) -> bool:
-    """Whether some ``(w, b)`` classifies every sample strictly right (an LP feasibility check)."""
-    X, y = _check_xy(X, y)
-    p, n = X.shape
-    A = X * y[:, None]
-    if fit_intercept:
-        A = np.hstack([A, y[:, None]])
-    res = optimize.linprog(
-        np.zeros(A.shape[1]),
-        A_ub=-A,
-        b_ub=-np.ones(p),
-        bounds=[(None, None)] * A.shape[1],
-        method="highs",
-    )
-    return res.status == 0
+    """Whether some ``w`` (and ``b``) has ``y_mu (w . a_mu + b) >= 1`` for every sample.
+
+    Decided by the hard-margin dual of :func:`erm_hinge`: it is bounded (max margin
+    ``kappa = 1 / ||w||`` with ``sum beta = 1 / kappa^2``) exactly when the data are separable.
+    Margins below ``1e-4`` (in units where ``||a_mu||^2 ~ Delta``) count as not separable.
+    """
+    try:
+        erm_hinge(X, y, 0.0, fit_intercept)
+    except ValueError:
+        return False
+    return True
+
+
+class _Unbounded(Exception):
+    pass
+
+
+_MAX_DUAL_MASS = 1e8  # sum(beta) = 1 / margin^2: margins below 1e-4 are treated as none
 
 
 def erm_hinge(
@@ -224,8 +228,8 @@ def erm_hinge(
     ``sum_mu max(0, 1 - y_mu w . a_mu) + lam/2 ||w||^2`` is ``lam`` times
     ``max_beta sum_mu beta_mu - 1/2 ||sum_mu beta_mu y_mu a_mu||^2`` on ``0 <= beta_mu <= 1/lam``,
     and ``w = sum_mu beta_mu y_mu a_mu``. ``lam = 0`` removes the upper bound: the hard-margin
-    SVM, i.e. the max-margin direction, which exists only for separable data (checked first by
-    an LP). The gradient needs two mat-vecs, never the P x P Gram matrix.
+    SVM, i.e. the max-margin direction, which exists only for separable data (the dual is then
+    bounded; it is declared unbounded once ``sum beta > 1e8``, i.e. margin < 1e-4). The gradient needs two mat-vecs, never the P x P Gram matrix.
 
     Raises:
         ValueError: on bad shapes, labels, ``lam < 0``, or ``lam = 0`` on non-separable data.
@@ -236,26 +240,29 @@ def erm_hinge(
     A = X / math.sqrt(n)
     if fit_intercept:
         A = np.hstack([A, np.ones((p, 1))])
-    if lam == 0.0 and not is_separable(X, y, fit_intercept):
-        raise ValueError(
-            "Invalid lam value: 0 (hard-margin hinge needs separable data; these "
-            f"P={p}, N={n} samples are not separable: use lam > 0)"
-        )
     Ay = A * y[:, None]
 
     def fun(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        if lam == 0.0 and beta.sum() > _MAX_DUAL_MASS:
+            raise _Unbounded
         w = Ay.T @ beta
         return float(0.5 * (w @ w) - beta.sum()), Ay @ w - 1.0
 
     upper = None if lam == 0.0 else 1.0 / lam
-    res = optimize.minimize(
-        fun,
-        np.zeros(p),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=[(0.0, upper)] * p,
-        options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0, "maxcor": 50},
-    )
+    try:
+        res = optimize.minimize(
+            fun,
+            np.zeros(p),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(0.0, upper)] * p,
+            options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0, "maxcor": 50},
+        )
+    except _Unbounded:
+        raise ValueError(
+            "Invalid lam value: 0 (hard-margin hinge needs separable data; these "
+            f"P={p}, N={n} samples are not separable: use lam > 0)"
+        ) from None
     beta = res.x
     w_full = Ay.T @ beta
     # KKT residual: margins y h >= 1 where beta = 0, = 1 on 0 < beta < upper, <= 1 at the bound.

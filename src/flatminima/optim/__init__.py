@@ -1,1 +1,64 @@
-"""flatminima.optim"""
+"""Entropic flat-minima optimizers: Entropy-SGD, Replicated-SGD, SAM and coupling schedules.
+
+======  ======================================  ===============  ========  ====================
+name    optimizer                               step(closure)    replicas  grad evals / step
+======  ======================================  ===============  ========  ====================
+sgd     ``torch.optim.SGD``                     optional         no        1
+esgd    ``EntropySGD``                          required         no        L (``inner_steps``)
+rsgd    ``ReplicatedSGD`` over ``Replicas``     optional         yes       y (``num_replicas``)
+sam     ``SAM``                                 required         no        2
+======  ======================================  ===============  ========  ====================
+
+"required" means ``step(closure)`` must be used (or the phase API: ``inner_step``/``outer_step``
+for Entropy-SGD, ``first_step``/``second_step`` for SAM). Every flatminima optimizer counts
+gradient evaluations in ``grad_evals`` (saved in its ``state_dict``).
+"""
+
+from flatminima.optim.entropy_sgd import EntropySGD
+from flatminima.optim.replicated import Replicas, ReplicatedSGD, update_bn
+from flatminima.optim.sam import SAM, disable_running_stats, enable_running_stats
+from flatminima.optim.schedules import (
+    ConstantGamma,
+    CosineGamma,
+    ExponentialGamma,
+    GammaScheduler,
+    LinearGamma,
+    auto_gamma0,
+    constant_gamma,
+    cosine_gamma,
+    exponential_gamma,
+    linear_gamma,
+)
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "esgd", "rsgd", "sam")
+"""Registry names of the optimizers (see the table above)."""
+
+OPTIMIZER_CAPABILITIES: dict[str, dict[str, bool]] = {
+    "sgd": {"needs_closure": False, "needs_replicas": False},
+    "esgd": {"needs_closure": True, "needs_replicas": False},
+    "rsgd": {"needs_closure": False, "needs_replicas": True},
+    "sam": {"needs_closure": True, "needs_replicas": False},
+}
+"""Capability flags per registry name."""
+
+__all__ = [
+    "OPTIMIZERS",
+    "OPTIMIZER_CAPABILITIES",
+    "EntropySGD",
+    "Replicas",
+    "ReplicatedSGD",
+    "update_bn",
+    "SAM",
+    "disable_running_stats",
+    "enable_running_stats",
+    "GammaScheduler",
+    "ConstantGamma",
+    "ExponentialGamma",
+    "LinearGamma",
+    "CosineGamma",
+    "constant_gamma",
+    "exponential_gamma",
+    "linear_gamma",
+    "cosine_gamma",
+    "auto_gamma0",
+]

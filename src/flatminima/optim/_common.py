@@ -31,7 +31,9 @@ def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bo
     check_nonneg("momentum", momentum)
     check_nonneg("weight_decay", weight_decay)
     if nesterov and momentum <= 0.0:
-        raise ValueError(f"Invalid nesterov value: Nesterov momentum requires momentum > 0, got {momentum}")
+        raise ValueError(
+            f"Invalid nesterov value: Nesterov momentum requires momentum > 0, got {momentum}"
+        )
 
 
 def sgd_step_(

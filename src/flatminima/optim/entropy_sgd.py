@@ -33,9 +33,12 @@ def mean_loss(losses: list[Any]) -> Tensor | None:
     vals = [loss for loss in losses if loss is not None]
     if not vals:
         return None
-    ts = [v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v)) for v in vals]
+    ts = [v.detach() if isinstance(v, Tensor) else torch.tensor(float(v)) for v in vals]
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
     device = ts[0].device
-    return torch.stack([t.reshape(()).to(device) for t in ts]).mean()
+    return torch.stack([t.reshape(()).to(device=device, dtype=dtype) for t in ts]).mean()
 
 
 class EntropySGD(Optimizer):
@@ -334,15 +337,19 @@ class EntropySGD(Optimizer):
         use_scaler = grad_scaler is not None and grad_scaler.is_enabled()
         found_inf: Tensor | None = None
         losses: list[Any] = []
-        for _ in range(self.inner_steps):
-            with torch.enable_grad():
-                losses.append(closure())
-            if use_scaler:
-                assert grad_scaler is not None
-                if found_inf is None:
-                    found_inf = _amp.new_found_inf(grad_scaler)
-                _amp.unscale_(grad_scaler, self._grads(), found_inf)
-            self.inner_step()
+        try:
+            for _ in range(self.inner_steps):
+                with torch.enable_grad():
+                    losses.append(closure())
+                if use_scaler:
+                    assert grad_scaler is not None
+                    if found_inf is None:
+                        found_inf = _amp.new_found_inf(grad_scaler)
+                    _amp.unscale_(grad_scaler, self._grads(), found_inf)
+                self.inner_step()
+        except BaseException:
+            self.cancel_outer_step()  # a failing closure leaves the weights at x
+            raise
         if found_inf is not None and found_inf.item() != 0.0:
             logger.debug("EntropySGD: inf/nan gradient, skipping the step")
             self.cancel_outer_step()

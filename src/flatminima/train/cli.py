@@ -16,6 +16,7 @@ _HELP = {
     "data_root": "folder with the data files (else $FLATMINIMA_DATA, system folders)",
     "model": "mlp, cnn, resnet18, wrn, or timm:NAME / torchvision:NAME",
     "model_kwargs": "model options, e.g. 'width=16,batchnorm=true' or a YAML mapping",
+    "data_kwargs": "data set options (synthetic sets), e.g. 'num_train=2000,dim=50'",
     "optimizer": "sgd, esgd, rsgd or sam",
     "epochs": "budget in epochs (see --budget)",
     "budget": "grad-evals: equal gradient evaluations (default); epochs: epochs per replica",
@@ -62,7 +63,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             continue
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
-        if f.name == "model_kwargs":
+        if f.name in ("model_kwargs", "data_kwargs"):
             kwargs["type"] = _parse_kwargs
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

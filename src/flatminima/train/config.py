@@ -41,6 +41,7 @@ class TrainConfig:
     # data
     data: str = "fashion-mnist"
     data_root: str | None = None
+    data_kwargs: dict[str, Any] = field(default_factory=dict)  # synthetic sets: num_train, dim...
     val_size: float = 0.0
     train_subset: int | None = None
     label_noise: float = 0.0
@@ -185,6 +186,8 @@ class TrainConfig:
             raise ValueError(f"Invalid flatness_sigmas {self.flatness_sigmas!r}: must be >= 0")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"Invalid train_subset value: {self.train_subset!r} (must be >= 1)")
+        if not isinstance(self.data_kwargs, dict):
+            raise ValueError(f"Invalid data_kwargs {self.data_kwargs!r}: must be a mapping")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"Invalid model_kwargs {self.model_kwargs!r}: must be a mapping")
 

@@ -117,7 +117,12 @@ def _model_factory(cfg: TrainConfig, data: DataSplits) -> Callable[[], nn.Module
 def load_data(cfg: TrainConfig, device: torch.device) -> DataSplits:
     return load_dataset(cfg.data, cfg.data_root, val_size=cfg.val_size,
                         train_subset=cfg.train_subset, label_noise=cfg.label_noise,
-                        seed=cfg.seed, device=device)
+                        seed=cfg.seed, device=device, **cfg.data_kwargs)
+
+
+def _endless(loader: TensorLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -169,7 +174,7 @@ class Trainer:
             self.data, train=self.data.train.to(self.device), test=self.data.test.to(self.device),
             val=None if self.data.val is None else self.data.val.to(self.device))
         torch.manual_seed(cfg.seed)  # model initialisation does not depend on data loading
-        self.algo = build_algorithm(cfg, _model_factory(cfg, self.data), self.device)
+        self.algo = self._build_algorithm(_model_factory(cfg, self.data))
         augment = default_augment(cfg.data) if cfg.augment in (None, True) else None
         if cfg.augment is True and augment is None:
             from flatminima.data import Augment
@@ -192,6 +197,11 @@ class Trainer:
         n_eval = min(n_eval, len(self.data.train))
         self.train_eval = ArrayDataset(self.data.train.x[:n_eval], self.data.train.y[:n_eval])
         self._tb = None
+        self._streams: list[Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def _build_algorithm(self, model_factory: Callable[[], nn.Module]) -> Algorithm:
+        """Hook: the algorithm adapter (the distributed trainer returns per-process ones)."""
+        return build_algorithm(self.cfg, model_factory, self.device)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -213,6 +223,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for ld, s in zip(self.loaders, state["loaders"]):
             ld.load_state_dict(s)
+        self._streams = None
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -290,8 +301,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ running
-    def run(self) -> dict[str, Any]:
-        """Train to the end of the budget (resuming if the run folder has a checkpoint)."""
+    def run(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train to the end of the budget (resuming if the run folder has a checkpoint).
+
+        Args:
+            max_epochs: stop after this many epochs of this call (the run stays resumable and no
+                summary is written unless the budget is used up).
+        """
         cfg = self.cfg
         if self.out_dir is not None:
             summary = read_summary(self.out_dir)
@@ -310,9 +326,14 @@ class Trainer:
 
             bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
                        desc=f"{cfg.optimizer} {cfg.model}/{cfg.data} s{cfg.seed}", leave=False)
+        done = 0
         try:
             while self.step < self.plan.total_steps:
+                if max_epochs is not None and done >= max_epochs:
+                    return {"status": "incomplete", "steps": self.step,
+                            "final": self.history[-1] if self.history else {}}
                 self._run_epoch(bar)
+                done += 1
         finally:
             if bar is not None:
                 bar.close()
@@ -322,11 +343,16 @@ class Trainer:
 
     def _run_epoch(self, bar: Any) -> None:
         cfg = self.cfg
-        iters = [iter(ld) for ld in self.loaders]
+        # Each loader is a cursor over an endless seeded stream of epochs; steps that use
+        # several batches (eSGD) may straddle an epoch boundary, and a resumed run continues
+        # from the saved cursor.
+        if self._streams is None:
+            self._streams = [_endless(ld) for ld in self.loaders]
+        streams = self._streams
         steps = min(self.plan.steps_per_epoch, self.plan.total_steps - self.step)
 
         def next_batch(stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return next(iters[stream])
+            return next(streams[stream])
 
         self.algo.train_mode()
         loss_sum = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,258 @@
+"""The Gaussian-mixture study: every estimator on the same data, eps_g against alpha, flatness.
+
+One *cell* is ``(N, Delta, rho, alpha, seed)``: one training set, on which every estimator is
+fitted. Its test error is the exact ``eps_g`` of :mod:`flatminima.gmm.theory` (computed with the
+true centre ``v``, which no estimator or stopping rule sees). Gaps are paired: ``gap_heb`` is
+``eps_g - eps_g(Hebbian)`` on the same data.
+
+Stopping rules (training data only):
+
+- ``final``: the last iterate of the full budget ("converged").
+- ``val``: a run on 80 % of the training set picks the checkpoint with the lowest error on the
+  other 20 % (earliest on ties); the estimator is the checkpoint at the same epoch of the run on
+  the full training set (same seed and hyperparameters).
+
+Flatness columns: ``local_energy`` ``delta_E(w, sigma)`` at ``sigma = local_energy_sigma``
+(raw), and ``sigma_star``, the multiplicative noise at which the expected training error reaches
+the cell's common target ``max_k E_train,k + 0.05`` (matched error; larger = flatter), and the
+angle to the Hebbian direction.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from flatminima.gmm.data import check_model_args, sample
+from flatminima.gmm.dynamics import DynamicsConfig, train_linear
+from flatminima.gmm.estimators import erm_hinge, erm_logistic, erm_square, hebbian
+from flatminima.gmm.flatness import angle_deg, local_energy, sigma_at_error, training_error
+from flatminima.gmm.theory import bayes_optimal_error, classifier_error, overlaps
+
+__all__ = [
+    "StudyConfig",
+    "ESTIMATORS",
+    "DYNAMICS",
+    "run_cell",
+    "run_study",
+    "read_rows",
+    "summarize",
+    "CSV_FIELDS",
+]
+
+log = logging.getLogger(__name__)
+
+RIDGE = 1e-4
+CLOSED = ("hebbian", "square_ridge", "logistic_ridge", "hinge_ridge", "max_margin")
+DYNAMICS: dict[str, dict[str, object]] = {
+    "sgd_loss": dict(algorithm="sgd", objective="logistic"),
+    "avg_loss": dict(algorithm="rsgd", objective="logistic", gamma=0.0),
+    "rsgd_loss": dict(algorithm="rsgd", objective="logistic", gamma=1.0),
+    "esgd_loss": dict(algorithm="esgd", objective="logistic", gamma=1.0, noise=1e-2),
+    "sgd_err": dict(algorithm="sgd", objective="error"),
+    "avg_err": dict(algorithm="rsgd", objective="error", gamma=0.0),
+    "rsgd_err": dict(algorithm="rsgd", objective="error", gamma=1.0),
+    "esgd_err": dict(algorithm="esgd", objective="error", gamma=1.0, noise=1e-2),
+}
+ESTIMATORS = CLOSED + tuple(DYNAMICS)
+CSV_FIELDS = [
+    "n_features", "delta", "rho", "alpha", "seed", "estimator", "stop", "eps_g", "eps_bo",
+    "gap_bo", "gap_heb", "train_error", "local_energy", "sigma_star", "angle_heb", "m", "q",
+    "stop_epoch",
+]  # fmt: skip
+
+
+@dataclass
+class StudyConfig:
+    """A sweep: every ``alpha`` x ``seed`` cell at fixed ``N, Delta, rho``.
+
+    ``epochs`` is the budget of the dynamical estimators in gradient evaluations per sample
+    (all replicas together: SGD, rSGD and eSGD get the same number).
+    """
+
+    n_features: int = 1000
+    alphas: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    delta: float = 1.0
+    rho: float = 0.5
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    estimators: Sequence[str] = ESTIMATORS
+    epochs: float = 20.0
+    val_fraction: float = 0.2
+    local_energy_sigma: float = 0.5
+    dynamics_overrides: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        if not isinstance(self.n_features, int) or self.n_features < 2:
+            raise ValueError(f"Invalid n_features value: {self.n_features!r} (expected >= 2)")
+        check_model_args(self.delta, self.rho)
+        if not self.alphas or any(not (a > 0) for a in self.alphas):
+            raise ValueError(f"Invalid alphas: {list(self.alphas)!r} (expected values > 0)")
+        if not self.seeds or any(int(s) < 0 for s in self.seeds):
+            raise ValueError(f"Invalid seeds: {list(self.seeds)!r} (expected ints >= 0)")
+        bad = [e for e in self.estimators if e not in ESTIMATORS]
+        if bad or not self.estimators:
+            raise ValueError(f"Invalid estimators: {bad or '[]'} (valid: {', '.join(ESTIMATORS)})")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"Invalid val_fraction value: {self.val_fraction!r} (in (0, 1))")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"Invalid epochs value: {self.epochs!r} (expected > 0)")
+
+
+def _dyn_config(cfg: StudyConfig, name: str) -> DynamicsConfig:
+    kw = dict(DYNAMICS[name])
+    kw.update(cfg.dynamics_overrides.get(name, {}))
+    return replace(DynamicsConfig(epochs=cfg.epochs), **kw)  # type: ignore[arg-type]
+
+
+def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object]]:
+    """Fit every estimator of ``cfg`` on one training set; return one row per (estimator, stop)."""
+    fit_b = cfg.rho != 0.5
+    X, y, v = sample(cfg.n_features, alpha, cfg.delta, cfg.rho, seed=seed)
+    p = X.shape[0]
+    perm = np.random.default_rng([seed, 7]).permutation(p)
+    n_val = max(1, round(cfg.val_fraction * p))
+    val, trn = perm[:n_val], perm[n_val:]
+    fits: list[tuple[str, str, np.ndarray, float, float]] = []  # name, stop, w, b, epoch
+    for name in cfg.estimators:
+        if name == "hebbian":
+            c = hebbian(X, y)
+        elif name == "square_ridge":
+            c = erm_square(X, y, RIDGE, fit_b)
+        elif name == "logistic_ridge":
+            c = erm_logistic(X, y, RIDGE, fit_b)
+        elif name == "hinge_ridge":
+            c = erm_hinge(X, y, RIDGE, fit_b)
+        elif name == "max_margin":
+            try:
+                c = erm_hinge(X, y, 0.0, fit_b)
+            except ValueError:
+                continue  # not separable: the max-margin estimator does not exist
+        else:
+            dcfg = _dyn_config(cfg, name)
+            sel = train_linear(X[trn], y[trn], dcfg, seed=seed)
+            val_err = [training_error(w, 0.0, X[val], y[val]) for w in sel.w]
+            k = int(np.argmin(val_err))
+            full = train_linear(X, y, dcfg, seed=seed)
+            fits.append((name, "final", full.w[-1], 0.0, float(full.epochs[-1])))
+            fits.append((name, "val", full.w[k], 0.0, float(full.epochs[k])))
+            continue
+        fits.append((name, "closed", c.w, c.b, float("nan")))
+    eps_bo = bayes_optimal_error(alpha, cfg.delta, cfg.rho)
+    w_heb = hebbian(X, y).w
+    eps_heb = classifier_error(w_heb, 0.0, v, cfg.delta, cfg.rho)
+    train_errs = [training_error(w, b, X, y) for _, _, w, b, _ in fits]
+    target = min(0.45, max(train_errs) + 0.05)
+    rows = []
+    for (name, stop, w, b, ep), tr in zip(fits, train_errs):
+        eps = classifier_error(w, b, v, cfg.delta, cfg.rho)
+        m, q = overlaps(w, v)
+        rows.append(
+            dict(
+                n_features=cfg.n_features, delta=cfg.delta, rho=cfg.rho, alpha=alpha, seed=seed,
+                estimator=name, stop=stop, eps_g=eps, eps_bo=eps_bo, gap_bo=eps - eps_bo,
+                gap_heb=eps - eps_heb, train_error=tr,
+                local_energy=local_energy(w, b, X, y, cfg.local_energy_sigma),
+                sigma_star=sigma_at_error(w, b, X, y, target), angle_heb=angle_deg(w, w_heb),
+                m=m, q=q, stop_epoch=ep,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, object]]:
+    """Rows of a study CSV with numbers parsed (empty list if the file does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        out = []
+        for r in csv.DictReader(f):
+            row: dict[str, object] = {}
+            for k, val in r.items():
+                try:
+                    row[k] = float(val) if k not in ("estimator", "stop") else val
+                except ValueError:
+                    row[k] = val
+            out.append(row)
+        return out
+
+
+def _cell_key(n: float, delta: float, rho: float, alpha: float, seed: float) -> tuple:
+    return (int(n), round(float(delta), 12), round(float(rho), 12), round(float(alpha), 12), int(seed))
+
+
+def run_study(
+    cfg: StudyConfig,
+    csv_path: str | os.PathLike[str],
+    progress: Callable[[Iterable[tuple[float, int]], int], Iterable[tuple[float, int]]]
+    | None = None,
+) -> list[dict[str, object]]:
+    """Run every missing cell, appending its rows to ``csv_path``; return all rows of ``cfg``.
+
+    Resumable: cells whose ``(N, Delta, rho, alpha, seed)`` already has rows in the CSV are
+    skipped. ``progress(iterable, total)`` may wrap the cell loop (e.g. ``tqdm``).
+
+    Raises:
+        ValueError: on a bad configuration.
+    """
+    cfg.validate()
+    done = {
+        _cell_key(r["n_features"], r["delta"], r["rho"], r["alpha"], r["seed"])  # type: ignore[arg-type]
+        for r in read_rows(csv_path)
+    }
+    todo = [
+        (float(a), int(s))
+        for a in cfg.alphas
+        for s in cfg.seeds
+        if _cell_key(cfg.n_features, cfg.delta, cfg.rho, a, s) not in done
+    ]
+    log.info("%d cells to run, %d already done", len(todo), len(done))
+    it: Iterable[tuple[float, int]] = progress(todo, len(todo)) if progress else todo
+    new_file = not os.path.exists(csv_path)
+    for alpha, seed in it:
+        rows = run_cell(cfg, alpha, seed)
+        with open(csv_path, "a", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new_file:
+                wr.writeheader()
+                new_file = False
+            wr.writerows(rows)
+    keys = {_cell_key(cfg.n_features, cfg.delta, cfg.rho, a, s) for a in cfg.alphas for s in cfg.seeds}
+    return [
+        r
+        for r in read_rows(csv_path)
+        if _cell_key(r["n_features"], r["delta"], r["rho"], r["alpha"], r["seed"]) in keys  # type: ignore[arg-type]
+    ]
+
+
+def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    """Mean and standard error per (estimator, stop, alpha) of eps_g, gap_bo, gap_heb, flatness."""
+    groups: dict[tuple, list[dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault((r["estimator"], r["stop"], r["alpha"]), []).append(r)
+    out = []
+    for (name, stop, alpha), rs in groups.items():
+        s: dict[str, object] = dict(estimator=name, stop=stop, alpha=alpha, n=len(rs))
+        for k in ("eps_g", "gap_bo", "gap_heb", "train_error", "local_energy", "sigma_star",
+                  "angle_heb"):  # fmt: skip
+            x = np.array([float(r[k]) for r in rs], dtype=float)  # type: ignore[arg-type]
+            x = x[np.isfinite(x)]
+            s[k] = float(x.mean()) if x.size else float("nan")
+            s[k + "_se"] = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+        out.append(s)
+    order = {n: i for i, n in enumerate(ESTIMATORS)}
+    out.sort(key=lambda s: (order.get(str(s["estimator"]), 99), str(s["stop"]), s["alpha"]))
+    return out
+
+
+def config_dict(cfg: StudyConfig) -> dict[str, object]:
+    """The resolved configuration (for saving beside the results)."""
+    d = asdict(cfg)
+    d["alphas"], d["seeds"], d["estimators"] = list(cfg.alphas), list(cfg.seeds), list(cfg.estimators)
+    return d

@@ -1,0 +1,211 @@
+"""Shared machinery of the studies: data cache, training a run folder, cached flatness measures.
+
+Every study trains through :func:`flatminima.train.train` on a run folder, so a finished run is
+skipped and a partial one resumes. Measurements of a finished network are cached in the run
+folder's ``flatness.json``, keyed by their settings: a re-run with the same settings reads them
+back, a change of settings re-measures only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatminima.data import DataSplits, load_dataset
+from flatminima.train import DivergenceError, TrainConfig, Trainer, read_summary, train
+
+log = logging.getLogger(__name__)
+
+FLATNESS = "flatness.json"
+
+
+class DataCache:
+    """Loads each distinct data split once (splits depend on the data keys and the seed only)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, DataSplits] = {}
+
+    @staticmethod
+    def key(cfg: TrainConfig) -> tuple:
+        return (cfg.data, cfg.data_root, cfg.val_size, cfg.train_subset, cfg.label_noise,
+                cfg.seed)
+
+    def get(self, cfg: TrainConfig) -> DataSplits:
+        key = self.key(cfg)
+        if key not in self._cache:
+            self._cache[key] = load_dataset(
+                cfg.data, cfg.data_root, val_size=cfg.val_size, train_subset=cfg.train_subset,
+                label_noise=cfg.label_noise, seed=cfg.seed)
+        return self._cache[key]
+
+
+def is_complete(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg``."""
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("status") == "complete" \
+        and summary.get("config") == cfg.numerics()
+
+
+def train_run(cfg: TrainConfig, run_dir: Path, data: DataCache) -> dict[str, Any]:
+    """Train (or resume, or skip) one run and return its summary.
+
+    A run that diverges (non-finite loss) does not stop the study: its summary has
+    ``status: diverged`` and is returned as is, also on a re-run (training is deterministic, so
+    it would diverge again).
+    """
+    summary = read_summary(run_dir)
+    if summary and summary.get("config") == cfg.numerics() \
+            and summary.get("status") in ("complete", "diverged"):
+        log.info("skipping finished run %s (%s)", run_dir, summary["status"])
+        return summary
+    try:
+        return train(cfg, run_dir, data=data.get(cfg), progress=False)
+    except DivergenceError as exc:
+        log.warning("run %s diverged: %s", run_dir, exc)
+        return read_summary(run_dir) or {"status": "diverged", "message": str(exc)}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The per-epoch rows of ``metrics.csv`` as floats (empty cells -> NaN)."""
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def load_network(cfg: TrainConfig, run_dir: Path, data: DataCache) -> tuple[nn.Module, DataSplits]:
+    """The evaluated network of a finished run (the model, or the rSGD/eSGD centre) and its data.
+
+    Raises:
+        FileNotFoundError: the run folder has no checkpoint.
+    """
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt: train it first")
+    trainer = Trainer(cfg, None, data=data.get(cfg), progress=False)
+    trainer.load_state_dict(torch.load(ckpt, map_location=trainer.device, weights_only=False))
+    ds, bs = trainer.train_eval, cfg.eval_batch_size
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(ds), bs):
+            yield ds.x[i : i + bs], ds.y[i : i + bs]
+
+    models = trainer.algo.eval_models(batches())
+    return next(iter(models.values())), trainer.data
+
+
+@dataclass
+class MeasureSettings:
+    """What to measure on each finished network, and how.
+
+    Attributes:
+        sigmas: local-energy noise strengths (multiplicative noise).
+        n_draws: noise draws per sigma.
+        n_samples: the first ``n_samples`` training samples are the fixed measurement subset.
+        seed: seed of every measure's private generator (the same for every run: common random
+            numbers across the compared networks).
+        hessian_samples: Hutchinson probes for the Hessian trace (0: not measured).
+        free_entropy: settings of :func:`flatminima.flatness.local_free_entropy` (``gamma``,
+            ``beta`` and sampler options), or ``None`` for not measured.
+    """
+
+    sigmas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
+    n_draws: int = 5
+    n_samples: int = 2000
+    seed: int = 0
+    hessian_samples: int = 0
+    free_entropy: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad value."""
+        if not self.sigmas:
+            raise ValueError("sigmas is empty; give at least one noise strength, e.g. 0.1,0.2")
+        for s in self.sigmas:
+            if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+                raise ValueError(f"Invalid sigma {s!r}: must be a finite number >= 0")
+        for name in ("n_draws", "n_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {name} value: {v!r} (must be an integer >= 1)")
+        if isinstance(self.hessian_samples, bool) or not isinstance(self.hessian_samples, int) \
+                or self.hessian_samples < 0:
+            raise ValueError(
+                f"Invalid hessian_samples value: {self.hessian_samples!r} (integer >= 0)")
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def measure_run(cfg: TrainConfig, run_dir: Path, data: DataCache,
+                settings: MeasureSettings) -> dict[str, Any]:
+    """Flatness of a finished run's evaluated network, cached in ``run_dir/flatness.json``.
+
+    Measures (each only when asked for and not cached with the same settings):
+
+    * ``local_energy``: :func:`flatminima.flatness.local_energy` at ``settings.sigmas`` on the
+      fixed subset (first ``n_samples`` training samples), BatchNorm in eval mode;
+    * ``hessian_trace``: Hutchinson estimate of ``tr H`` of the mean cross-entropy on the subset;
+    * ``free_entropy``: ``Phi(w; gamma, beta)`` by thermodynamic integration on the subset.
+
+    Returns:
+        ``{"local_energy": LocalEnergyResult.to_dict(), "hessian_trace": {...},
+        "free_entropy": {...}}`` (the measures asked for).
+    """
+    path = run_dir / FLATNESS
+    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    summary = read_summary(run_dir) or {}
+    stamp = {"steps": summary.get("steps"), "config": cfg.numerics()}
+    n = settings.n_samples
+    wanted: dict[str, dict[str, Any]] = {
+        "local_energy": {"sigmas": [float(s) for s in settings.sigmas],
+                         "n_draws": settings.n_draws, "n_samples": n, "seed": settings.seed},
+    }
+    if settings.hessian_samples:
+        wanted["hessian_trace"] = {"n_probes": settings.hessian_samples, "n_samples": n,
+                                   "seed": settings.seed}
+    if settings.free_entropy is not None:
+        wanted["free_entropy"] = {**settings.free_entropy, "n_samples": n, "seed": settings.seed}
+    todo = [k for k, s in wanted.items()
+            if cache.get(k, {}).get("settings") != {**s, **stamp}]
+    if todo:
+        from flatminima.flatness import hessian_trace, local_energy, local_free_entropy
+
+        model, splits = load_network(cfg, run_dir, data)
+        dev = next(model.parameters()).device
+        m = min(n, len(splits.train))
+        xy = (splits.train.x[:m].to(dev), splits.train.y[:m].to(dev))
+        bs = cfg.eval_batch_size
+        for key in todo:
+            if key == "local_energy":
+                res = local_energy(model, xy, settings.sigmas, n_draws=settings.n_draws,
+                                   seed=settings.seed, batch_size=bs).to_dict()
+            elif key == "hessian_trace":
+                res = hessian_trace(model, F.cross_entropy, xy,
+                                    n_samples=settings.hessian_samples, seed=settings.seed,
+                                    batch_size=bs).to_dict()
+            else:
+                opts = dict(settings.free_entropy or {})
+                gamma, beta = float(opts.pop("gamma")), float(opts.pop("beta"))
+                res = local_free_entropy(model, xy, gamma, beta, seed=settings.seed,
+                                         batch_size=bs, **opts).to_dict()
+            cache[key] = {"settings": {**wanted[key], **stamp}, "result": res}
+            log.info("measured %s of %s", key, run_dir)
+        _write_json(cache, path)
+    return {k: cache[k]["result"] for k in wanted}

@@ -1,0 +1,365 @@
+"""Correlation study: do flatter networks generalize better? (Pittorino et al., ICLR 2021, Sec. 6)
+
+Many networks are trained over a grid of settings (optimizer, learning rate, batch size, coupling,
+...); for each, flatness is measured on a fixed training subset and related to test error and to
+the generalization gap ``test_error - train_error`` by rank correlations:
+
+* Kendall ``tau = (concordant - discordant) / sqrt((n0 - n1)(n0 - n2))`` (tau-b, ties handled) and
+  Spearman ``rho`` (Pearson correlation of ranks), with scipy's two-sided p-values;
+* percentile bootstrap confidence intervals: ``n_boot`` resamples of the networks with
+  replacement, the ``(1 - ci)/2`` and ``(1 + ci)/2`` quantiles of the resampled statistic
+  (resamples where a variable is constant are dropped).
+
+Measures (all "sharpness": larger = sharper, so a positive correlation with test error is the
+paper's claim): local energy ``delta_E(sigma)`` of the train error and of the loss at each sigma,
+the Hessian trace (Hutchinson), and for small networks ``-Phi``, minus the local free entropy
+(``Phi <= 0``, closer to 0 = flatter). With the free entropy, the table also shows how the
+measures correlate with each other.
+
+Grid file (YAML)::
+
+    description: MLPs on digits
+    base: {data: digits, model: mlp, epochs: 4, ...}     # TrainConfig keys
+    grid: {optimizer: [sgd, rsgd], lr: [0.02, 0.1], ...} # cartesian product
+    max_runs: 24          # optional: the first N grid points
+    sample: 24            # optional: a random subset of N points (seeded by `seed`)
+    seed: 0
+    measure: {sigmas: [...], n_draws: 5, n_samples: 1000, hessian_samples: 10,
+              free_entropy: auto, free_entropy_max_params: 5000,
+              free_entropy_options: {gamma: 1.0, beta: 1000.0, n_t: 8, ...}}
+    n_boot: 1000
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from flatminima.studies._runs import DataCache, MeasureSettings, measure_run, train_run
+from flatminima.studies.presets import parse_grid
+from flatminima.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CorrelationResult",
+    "StudyResult",
+    "correlation_study",
+    "load_study_grid",
+    "rank_correlation",
+]
+
+_GRID_KEYS = ("description", "base", "grid", "max_runs", "sample", "seed", "measure", "n_boot")
+_MEASURE_KEYS = ("sigmas", "n_draws", "n_samples", "hessian_samples", "free_entropy",
+                 "free_entropy_max_params", "free_entropy_options")
+DEFAULT_FREE_ENTROPY = {"gamma": 1.0, "beta": 1000.0, "n_t": 8, "n_chains": 2, "n_steps": 60,
+                        "burn_in": 30}
+TARGETS = ("test_error", "gen_gap")
+
+
+@dataclass
+class CorrelationResult:
+    """Kendall tau and Spearman rho with scipy p-values and bootstrap confidence intervals."""
+
+    n: int
+    kendall_tau: float
+    kendall_p: float
+    kendall_ci: tuple[float, float]
+    spearman_rho: float
+    spearman_p: float
+    spearman_ci: tuple[float, float]
+
+    def to_row(self) -> dict[str, float]:
+        return {"n": self.n, "kendall_tau": self.kendall_tau,
+                "tau_ci_low": self.kendall_ci[0], "tau_ci_high": self.kendall_ci[1],
+                "kendall_p": self.kendall_p, "spearman_rho": self.spearman_rho,
+                "rho_ci_low": self.spearman_ci[0], "rho_ci_high": self.spearman_ci[1],
+                "spearman_p": self.spearman_p}
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], *, n_boot: int = 1000,
+                     ci: float = 0.95, seed: int = 0) -> CorrelationResult:
+    """Kendall tau-b and Spearman rho between ``x`` and ``y`` with bootstrap intervals.
+
+    Args:
+        x, y: paired samples (NaN pairs are dropped).
+        n_boot: bootstrap resamples (0: no interval, NaN bounds).
+        ci: confidence level of the percentile interval, in (0, 1).
+        seed: seed of the resampling generator.
+
+    Raises:
+        ValueError: different lengths, fewer than 3 valid pairs, ``ci`` outside (0, 1) or
+            ``n_boot < 0``.
+    """
+    from scipy import stats
+
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have equal lengths, got {len(x)} and {len(y)}")
+    if not 0 < ci < 1:
+        raise ValueError(f"Invalid ci {ci!r}: must be in (0, 1)")
+    if n_boot < 0:
+        raise ValueError(f"Invalid n_boot {n_boot!r}: must be >= 0")
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = len(xa)
+    if n < 3:
+        raise ValueError(f"Need at least 3 finite pairs for a rank correlation, got {n}")
+    tau, tau_p = stats.kendalltau(xa, ya)
+    rho, rho_p = stats.spearmanr(xa, ya)
+    taus, rhos = [], []
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        bx, by = xa[idx], ya[idx]
+        if np.ptp(bx) == 0 or np.ptp(by) == 0:
+            continue
+        taus.append(stats.kendalltau(bx, by)[0])
+        rhos.append(stats.spearmanr(bx, by)[0])
+    q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
+
+    def interval(vals: list[float]) -> tuple[float, float]:
+        vals = [v for v in vals if math.isfinite(v)]
+        if not vals:
+            return (math.nan, math.nan)
+        lo, hi = np.percentile(vals, q)
+        return (float(lo), float(hi))
+
+    return CorrelationResult(n, float(tau), float(tau_p), interval(taus), float(rho),
+                             float(rho_p), interval(rhos))
+
+
+def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read and validate a study grid (YAML file or mapping; see the module docstring).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown top-level or ``measure`` keys, a bad or empty grid, a base key that
+            is not a TrainConfig key, or bad ``max_runs``/``sample``.
+    """
+    if isinstance(spec, Mapping):
+        values, where = dict(spec), "study grid"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"Study grid file not found: {path}")
+        values, where = yaml.safe_load(path.read_text()) or {}, str(path)
+        if not isinstance(values, dict):
+            raise ValueError(f"Study grid {where} must be a YAML mapping")
+    bad = sorted(set(values) - set(_GRID_KEYS))
+    if bad:
+        raise ValueError(f"Unknown key(s) {bad} in {where}; valid: {', '.join(_GRID_KEYS)}")
+    base = dict(values.get("base") or {})
+    TrainConfig.from_dict({k: v for k, v in base.items()})  # unknown keys fail here
+    if not values.get("grid"):
+        raise ValueError(f"Empty grid in {where}: give 'grid: {{key: [values], ...}}'")
+    grid = parse_grid(dict(values["grid"]))
+    measure = dict(values.get("measure") or {})
+    bad = sorted(set(measure) - set(_MEASURE_KEYS))
+    if bad:
+        raise ValueError(
+            f"Unknown measure key(s) {bad} in {where}; valid: {', '.join(_MEASURE_KEYS)}")
+    for key in ("max_runs", "sample"):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"Invalid {key} {v!r} in {where}: must be an integer >= 1")
+    return {**values, "base": base, "grid": grid, "measure": measure}
+
+
+def study_points(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The grid points of a validated study grid (cartesian product, then max_runs/sample)."""
+    grid = spec["grid"]
+    keys = list(grid)
+    points = [dict(zip(keys, v)) for v in itertools.product(*(grid[k] for k in keys))]
+    if spec.get("sample"):
+        k = min(int(spec["sample"]), len(points))
+        idx = sorted(random.Random(int(spec.get("seed") or 0)).sample(range(len(points)), k))
+        points = [points[i] for i in idx]
+    if spec.get("max_runs"):
+        points = points[: int(spec["max_runs"])]
+    return points
+
+
+def _check_free_entropy_options(opts: Mapping[str, Any]) -> None:
+    import inspect
+
+    from flatminima.flatness.local_entropy import local_free_entropy
+
+    params = inspect.signature(local_free_entropy).parameters
+    valid = sorted(k for k in params if k not in ("model", "data", "seed", "batch_size"))
+    bad = sorted(set(opts) - set(valid))
+    if bad:
+        raise ValueError(
+            f"Unknown free_entropy_options {bad}; valid: {', '.join(valid)}")
+
+
+def _slug(point: Mapping[str, Any]) -> str:
+    text = "-".join(f"{k}={v}" for k, v in point.items())
+    return "".join(c if c.isalnum() or c in "=.-_" else "_" for c in text)[:80]
+
+
+@dataclass
+class StudyResult:
+    """Per-network records, the correlation table and the report folder."""
+
+    records: list[dict[str, Any]]
+    correlations: list[dict[str, Any]]
+    measures: list[str]
+    out_dir: Path
+    settings: dict[str, Any]
+
+
+def correlation_study(
+    out_dir: str | Path,
+    grid: str | os.PathLike | Mapping[str, Any],
+    *,
+    overrides: dict[str, Any] | None = None,
+    free_entropy: bool | None = None,
+    n_boot: int | None = None,
+    progress: bool = False,
+    write: bool = True,
+) -> StudyResult:
+    """Train every grid point, measure flatness, and correlate it with generalization.
+
+    Args:
+        out_dir: report folder; networks in ``out_dir/runs/NNN-SLUG``.
+        grid: a study grid file or mapping (see the module docstring).
+        overrides: TrainConfig keys applied to every network (e.g. ``data``), after ``base``
+            and before the grid point.
+        free_entropy: measure ``Phi`` (``True``), never (``False``), or ``None``: the grid's
+            ``measure.free_entropy`` (``auto``: networks with at most ``free_entropy_max_params``
+            parameters).
+        n_boot: bootstrap resamples (default: the grid's ``n_boot`` or 1000).
+        progress: tqdm bar over networks.
+        write: write report.md, CSVs and PNGs.
+
+    Returns:
+        A :class:`StudyResult`.
+
+    Raises:
+        ValueError: a bad grid or config value (before training starts).
+        FileNotFoundError: the grid file does not exist.
+    """
+    from flatminima.models import count_parameters
+
+    spec = load_study_grid(grid)
+    points = study_points(spec)
+    over = dict(overrides or {})
+    over.setdefault("progress", False)
+    configs = [TrainConfig.from_dict({**spec["base"], **over, **p}) for p in points]
+    m = spec["measure"]
+    fe_mode = m.get("free_entropy", "auto") if free_entropy is None else free_entropy
+    if fe_mode not in (True, False, "auto"):
+        raise ValueError(f"Invalid free_entropy {fe_mode!r}: true, false or auto")
+    fe_max = int(m.get("free_entropy_max_params", 5000))
+    fe_opts = {**DEFAULT_FREE_ENTROPY, **(m.get("free_entropy_options") or {})}
+    _check_free_entropy_options(fe_opts)
+    base_settings = MeasureSettings(
+        sigmas=[float(s) for s in m.get("sigmas", [0.05, 0.1, 0.2, 0.3, 0.5])],
+        n_draws=int(m.get("n_draws", 5)), n_samples=int(m.get("n_samples", 1000)),
+        hessian_samples=int(m.get("hessian_samples", 10)))
+    base_settings.validate()
+    n_boot = int(spec.get("n_boot", 1000) if n_boot is None else n_boot)
+    out = Path(out_dir)
+    data = DataCache()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(points), unit="run", desc="study")
+    records: list[dict[str, Any]] = []
+    diverged: list[str] = []
+    try:
+        for i, (point, cfg) in enumerate(zip(points, configs)):
+            run_dir = out / "runs" / f"{i:03d}-{_slug(point)}"
+            summary = train_run(cfg, run_dir, data)
+            if summary.get("status") != "complete":
+                log.warning("network %s diverged; left out of the correlations", run_dir)
+                diverged.append(str(run_dir))
+                if bar is not None:
+                    bar.update(1)
+                continue
+            splits = data.get(cfg)
+            from flatminima.models import build_model
+
+            n_params = count_parameters(build_model(cfg.model, splits.input_shape,
+                                                    splits.num_classes, **cfg.model_kwargs))
+            use_fe = fe_mode is True or (fe_mode == "auto" and n_params <= fe_max)
+            settings = MeasureSettings(**{**base_settings.__dict__,
+                                          "free_entropy": fe_opts if use_fe else None})
+            meas = measure_run(cfg, run_dir, data, settings)
+            final = summary.get("final", {})
+            rec: dict[str, Any] = {"run": i, "run_dir": str(run_dir),
+                                   "optimizer": cfg.optimizer, **point,
+                                   "n_params": n_params,
+                                   "test_error": final.get("test_error"),
+                                   "train_error": final.get("train_error")}
+            rec["optimizer"] = cfg.optimizer
+            rec["gen_gap"] = rec["test_error"] - rec["train_error"]
+            le = meas["local_energy"]
+            for s, de, dl in zip(le["sigmas"], le["delta_error"], le["delta_loss"]):
+                rec[f"local_energy_error_s{s:g}"] = de
+                rec[f"local_energy_loss_s{s:g}"] = dl
+            if "hessian_trace" in meas:
+                rec["hessian_trace"] = meas["hessian_trace"]["estimate"]
+            if "free_entropy" in meas:
+                rec["neg_free_entropy"] = -meas["free_entropy"]["estimate"]
+            records.append(rec)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not records:
+        raise RuntimeError(f"All {len(points)} networks diverged; lower the learning rates")
+    measures = [k for k in records[0] if k.startswith("local_energy_")]
+    measures += [k for k in ("hessian_trace", "neg_free_entropy")
+                 if any(k in r for r in records)]
+    correlations = []
+    if len(records) >= 3:
+        for meas_key in measures:
+            for target in TARGETS:
+                xs = [r.get(meas_key, math.nan) for r in records]
+                ys = [r[target] for r in records]
+                try:
+                    c = rank_correlation(xs, ys, n_boot=n_boot, seed=0)
+                except ValueError as exc:
+                    log.warning("no correlation of %s with %s: %s", meas_key, target, exc)
+                    continue
+                correlations.append({"measure": meas_key, "target": target, **c.to_row()})
+        if "neg_free_entropy" in measures:
+            for meas_key in measures:
+                if meas_key == "neg_free_entropy":
+                    continue
+                xs = [r.get("neg_free_entropy", math.nan) for r in records]
+                try:
+                    c = rank_correlation(xs, [r.get(meas_key, math.nan) for r in records],
+                                         n_boot=n_boot, seed=0)
+                except ValueError:
+                    continue
+                correlations.append({"measure": "neg_free_entropy", "target": meas_key,
+                                     **c.to_row()})
+    else:
+        log.warning("only %d networks: at least 3 are needed for rank correlations",
+                    len(records))
+    settings = {"grid": spec["grid"], "base": spec["base"], "overrides": over,
+                "n_networks": len(records), "diverged": diverged, "n_boot": n_boot,
+                "measure": {**base_settings.__dict__, "free_entropy": fe_mode,
+                            "free_entropy_options": fe_opts, "free_entropy_max_params": fe_max},
+                "description": spec.get("description", "")}
+    result = StudyResult(records, correlations, measures, out, settings)
+    if write:
+        from flatminima.studies.report import write_study_report
+
+        write_study_report(result)
+    return result

@@ -1,0 +1,132 @@
+"""Plots of the studies (matplotlib Figure API on the Agg backend: no display, no global state)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["plot_energy_curves", "plot_learning_curves", "plot_scatter"]
+
+Curves = Mapping[str, Mapping[str, Sequence[float]]]
+
+
+def _figure(width: float = 6.8, height: float = 4.6, ncols: int = 1) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width * ncols, height), dpi=120, layout="constrained")
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    log.info("wrote %s", path)
+    return path
+
+
+def plot_learning_curves(curves: Curves, path: str | Path, *, title: str,
+                         ylabel: str = "test error") -> Path:
+    """Test error against gradient evaluations, mean +- SE band over seeds, one line per arm.
+
+    Args:
+        curves: ``{arm: {"grad_evals": [...], "mean": [...], "se": [...]}}``.
+        path: output PNG.
+        title: figure title (say which budget).
+        ylabel: y-axis label.
+
+    Raises:
+        ValueError: no curves.
+    """
+    if not curves:
+        raise ValueError("No learning curves to plot")
+    import numpy as np
+
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for arm, c in curves.items():
+        if not c["grad_evals"]:
+            continue
+        x, m, s = (np.asarray(c[k], dtype=float) for k in ("grad_evals", "mean", "se"))
+        (line,) = ax.plot(x, m, marker="o", ms=3, label=arm)
+        ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("gradient evaluations (samples through backward)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="optimizer (mean ± SE over seeds)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_energy_curves(curves: Curves, path: str | Path, *, title: str,
+                       ylabel: str = "local energy ΔE (train error increase)") -> Path:
+    """Local energy ``delta_E(sigma)`` per arm, mean +- SE over seeds (error bars).
+
+    Args:
+        curves: ``{arm: {"sigmas": [...], "mean": [...], "se": [...]}}``.
+        path: output PNG.
+        title: figure title.
+        ylabel: y-axis label.
+
+    Raises:
+        ValueError: no curves.
+    """
+    if not curves:
+        raise ValueError("No local-energy curves to plot")
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for arm, c in curves.items():
+        ax.errorbar(c["sigmas"], c["mean"], yerr=c["se"], marker="o", ms=4, capsize=3,
+                    label=arm)
+    ax.set_xlabel("σ (multiplicative weight noise w(1 + σξ))")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="optimizer (mean ± SE over seeds)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_scatter(points: Sequence[Mapping[str, Any]], measure: str, targets: Sequence[str],
+                 path: str | Path, *, labels: Mapping[str, str] | None = None,
+                 stats: Mapping[str, str] | None = None, group: str = "optimizer") -> Path:
+    """One panel per target (test error, generalization gap) against a flatness measure.
+
+    Args:
+        points: one mapping per network with the keys ``measure``, each target and ``group``.
+        measure: the x-axis key.
+        targets: the y-axis keys (one panel each).
+        path: output PNG.
+        labels: readable axis labels per key.
+        stats: per target, a short text (e.g. Kendall tau) shown in the panel title.
+        group: the key the points are coloured by.
+
+    Raises:
+        ValueError: no points or no targets.
+    """
+    if not points or not targets:
+        raise ValueError("Nothing to plot: need points and at least one target")
+    labels = dict(labels or {})
+    groups = sorted({str(p.get(group)) for p in points})
+    fig = _figure(5.2, 4.4, ncols=len(targets))
+    axes = fig.subplots(1, len(targets), squeeze=False)[0]
+    for ax, target in zip(axes, targets):
+        for g in groups:
+            sel = [p for p in points if str(p.get(group)) == g]
+            ax.scatter([p[measure] for p in sel], [p[target] for p in sel], s=22, alpha=0.8,
+                       label=g)
+        ax.set_xlabel(labels.get(measure, measure))
+        ax.set_ylabel(labels.get(target, target))
+        title = labels.get(target, target)
+        if stats and target in stats:
+            title += f"\n{stats[target]}"
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title=group, fontsize=8)
+    fig.suptitle(f"{labels.get(measure, measure)} vs generalization")
+    return _save(fig, path)

@@ -1,0 +1,305 @@
+"""Hyperparameter presets: YAML files that give every compared optimizer its settings.
+
+A preset is a YAML mapping::
+
+    study:            # optional: defaults of the comparison itself (CLI flags override them)
+      optimizers: [sgd, esgd, rsgd, sam]
+      seeds: 3
+      budget: grad-evals          # grad-evals | epochs | both
+      sigmas: [0.05, 0.1, 0.2, 0.3, 0.5]
+    common:           # TrainConfig keys shared by every optimizer
+      data: fashion-mnist
+      model: cnn
+      lr: 0.05
+    sgd: {}           # per-arm mappings of TrainConfig keys, overriding ``common``
+    rsgd: {lr: 0.1, num_replicas: 3}
+    sgd-large-batch:  # an arm that is not an optimizer name must say which optimizer it runs
+      optimizer: sgd
+      batch_size: 384
+
+An *arm* is one compared setting: its label is either an optimizer name (``sgd``, ``esgd``,
+``rsgd``, ``sam``) or a preset key whose mapping names an ``optimizer``. The configuration of arm
+``a`` is ``TrainConfig.from_dict({**common, **preset[a], **overrides, "optimizer": ...})``.
+
+Presets are found by file path, else by name in ``./configs/NAME.yaml``, else in the
+``configs/`` folder of the source checkout (:func:`preset_dirs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flatminima.train.config import OPTIMIZER_NAMES, TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "STUDY_KEYS",
+    "Preset",
+    "arm_config",
+    "arm_optimizer",
+    "find_preset",
+    "list_presets",
+    "load_preset",
+    "parse_grid",
+    "parse_scalar",
+    "preset_dirs",
+]
+
+#: keys allowed in a preset's ``study:`` mapping (defaults of ``flatminima compare``)
+STUDY_KEYS = (
+    "optimizers",
+    "seeds",
+    "budget",
+    "sigmas",
+    "flatness_samples",
+    "flatness_draws",
+    "hessian_samples",
+    "large_batch",
+)
+
+_TOP_KEYS = ("study", "common", "description")
+
+
+def preset_dirs() -> list[Path]:
+    """Folders searched for ``NAME.yaml``: $FLATMINIMA_CONFIGS, ./configs, the checkout's."""
+    dirs = []
+    if os.environ.get("FLATMINIMA_CONFIGS"):
+        dirs.append(Path(os.environ["FLATMINIMA_CONFIGS"]))
+    dirs.append(Path.cwd() / "configs")
+    dirs.append(Path(__file__).resolve().parents[3] / "configs")  # src/flatminima/studies/..
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def list_presets() -> list[str]:
+    """Names of the presets found in :func:`preset_dirs` (sorted, without ``.yaml``)."""
+    names = set()
+    for d in preset_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def find_preset(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a preset name (``fashion-quick``) or file path to an existing file.
+
+    Raises:
+        FileNotFoundError: no such file; the message lists the known preset names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for d in preset_dirs():
+        for cand in (d / f"{name_or_path}.yaml", d / str(name_or_path)):
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(
+        f"Preset {str(name_or_path)!r} not found (searched {', '.join(map(str, preset_dirs()))}); "
+        f"known presets: {', '.join(list_presets()) or '(none)'}"
+    )
+
+
+@dataclass
+class Preset:
+    """A parsed preset: shared settings, per-arm overrides and study defaults.
+
+    Attributes:
+        common: TrainConfig keys shared by every arm.
+        arms: per-arm mappings (label -> TrainConfig keys overriding ``common``).
+        study: defaults for the comparison (keys in :data:`STUDY_KEYS`).
+        description: free text shown in reports.
+        source: the file it was read from (``None`` when built in code).
+    """
+
+    common: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    source: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | None = None) -> Preset:
+        """Validate a preset mapping (see the module docstring for its layout).
+
+        Raises:
+            ValueError: a non-mapping section, an unknown ``study`` key, an unknown TrainConfig
+                key in ``common`` or an arm, or an arm that names no valid optimizer.
+        """
+        where = f" in {source}" if source else ""
+        if not isinstance(values, dict):
+            raise ValueError(f"A preset must be a YAML mapping{where}, got {type(values).__name__}")
+        for key in ("study", "common"):
+            if not isinstance(values.get(key) or {}, dict):
+                raise ValueError(f"Preset section {key!r}{where} must be a mapping")
+        study = dict(values.get("study") or {})
+        bad = sorted(set(study) - set(STUDY_KEYS))
+        if bad:
+            raise ValueError(
+                f"Unknown study key(s) {bad}{where}; valid study keys: {', '.join(STUDY_KEYS)}"
+            )
+        common = dict(values.get("common") or {})
+        _check_keys(common, f"common{where}")
+        arms: dict[str, dict[str, Any]] = {}
+        for label, mapping in values.items():
+            if label in _TOP_KEYS:
+                continue
+            if mapping is None:
+                mapping = {}
+            if not isinstance(mapping, dict):
+                raise ValueError(
+                    f"Preset arm {label!r}{where} must be a mapping of TrainConfig keys, "
+                    f"got {mapping!r}"
+                )
+            _check_keys(mapping, f"arm {label!r}{where}")
+            opt = mapping.get("optimizer", label if label in OPTIMIZER_NAMES else None)
+            if opt not in OPTIMIZER_NAMES:
+                raise ValueError(
+                    f"Preset arm {label!r}{where} names no optimizer: use one of "
+                    f"{', '.join(OPTIMIZER_NAMES)} as its label or add 'optimizer: NAME'"
+                )
+            arms[str(label)] = dict(mapping)
+        return cls(common, arms, study, str(values.get("description") or ""), source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML layout (``study``, ``common``, then one mapping per arm)."""
+        out: dict[str, Any] = {}
+        if self.description:
+            out["description"] = self.description
+        if self.study:
+            out["study"] = dict(self.study)
+        out["common"] = dict(self.common)
+        out.update({k: dict(v) for k, v in self.arms.items()})
+        return out
+
+
+def _check_keys(mapping: dict[str, Any], where: str) -> None:
+    """Reject unknown keys; turn number-like strings of numeric fields into numbers in place
+    (YAML 1.1 reads ``1e-3`` as a string)."""
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(mapping) - valid)
+    if bad:
+        raise ValueError(
+            f"Unknown TrainConfig key(s) {bad} in {where}; valid keys: {', '.join(sorted(valid))}"
+        )
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in mapping.items():
+        if isinstance(value, str) and hints[key] is not str:
+            mapping[key] = parse_scalar(value)
+
+
+def load_preset(name_or_path: str | os.PathLike) -> Preset:
+    """Read and validate a preset by name or path (see :func:`find_preset`).
+
+    Raises:
+        FileNotFoundError: the preset does not exist.
+        ValueError: the file is not a valid preset (see :meth:`Preset.from_dict`).
+    """
+    path = find_preset(name_or_path)
+    with path.open() as fh:
+        values = yaml.safe_load(fh) or {}
+    preset = Preset.from_dict(values, source=str(path))
+    log.info("loaded preset %s (%d arms)", path, len(preset.arms))
+    return preset
+
+
+def arm_optimizer(preset: Preset | None, arm: str) -> str:
+    """The optimizer an arm runs (its label, or its preset mapping's ``optimizer``).
+
+    Raises:
+        ValueError: the label is neither an optimizer nor an arm of the preset.
+    """
+    if preset is not None and arm in preset.arms:
+        return str(preset.arms[arm].get("optimizer", arm))
+    if arm in OPTIMIZER_NAMES:
+        return arm
+    known = list(OPTIMIZER_NAMES) + [a for a in (preset.arms if preset else {}) if a not in
+                                     OPTIMIZER_NAMES]
+    raise ValueError(f"Unknown optimizer {arm!r}; valid: {', '.join(known)}")
+
+
+def arm_config(preset: Preset | None, arm: str, overrides: dict[str, Any] | None = None,
+               **changes: Any) -> TrainConfig:
+    """The validated :class:`TrainConfig` of ``arm``: ``common``, then the arm, then overrides.
+
+    Args:
+        preset: the preset (``None``: TrainConfig defaults).
+        arm: an optimizer name or an arm label of the preset.
+        overrides: TrainConfig keys that win over the preset (e.g. command-line flags).
+        **changes: more overrides (applied last).
+
+    Raises:
+        ValueError: unknown arm, unknown key, or an invalid value.
+    """
+    optimizer = arm_optimizer(preset, arm)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        values.update(preset.common)
+        values.update(preset.arms.get(arm, {}))
+    values.update(overrides or {})
+    values.update(changes)
+    values["optimizer"] = optimizer
+    return TrainConfig.from_dict(values)
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse one value: an int, a float (``1e-3`` included, which YAML 1.1 reads as a string),
+    else like YAML (booleans, ``null``, strings)."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_grid(spec: str | dict[str, Any]) -> dict[str, list[Any]]:
+    """Parse a grid ``"lr=0.02,0.05;gamma=1e-3,1e-2"`` (or a mapping key -> list) into lists.
+
+    Values are parsed by :func:`parse_scalar` (numbers such as ``1e-3``, booleans, ``null``).
+    In a mapping, string values that look like numbers (YAML 1.1 reads ``1e-3`` as a string)
+    are converted too. Keys must be TrainConfig fields.
+
+    Raises:
+        ValueError: an empty grid, a key that is not a TrainConfig field, a key without values,
+            or a malformed item.
+    """
+    grid: dict[str, list[Any]] = {}
+    if isinstance(spec, str):
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            if "=" not in part:
+                raise ValueError(f"Invalid grid item {part!r}: expected KEY=V1,V2,...")
+            key, vals = part.split("=", 1)
+            grid[key.strip().replace("-", "_")] = [
+                parse_scalar(v) for v in vals.split(",") if v.strip()
+            ]
+    elif isinstance(spec, dict):
+        for key, vals in spec.items():
+            vals = list(vals) if isinstance(vals, (list, tuple)) else [vals]
+            grid[str(key)] = [parse_scalar(v) if isinstance(v, str) else v for v in vals]
+    else:
+        raise ValueError(f"Invalid grid {spec!r}: expected 'KEY=V1,V2;KEY2=...' or a mapping")
+    if not grid:
+        raise ValueError(f"Empty grid {spec!r}: give at least one KEY=V1,V2,... item")
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, vals in grid.items():
+        if key not in valid:
+            raise ValueError(
+                f"Invalid grid key {key!r}: not a TrainConfig key; valid keys: "
+                f"{', '.join(sorted(valid))}"
+            )
+        if not vals:
+            raise ValueError(f"Grid key {key!r} has no values")
+    return grid
