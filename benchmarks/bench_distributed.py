@@ -63,9 +63,13 @@ def _rank_bench(model_name: str, steps: int) -> dict[str, float] | None:
     dist.destroy_process_group()
     if rank != 0:
         return None
-    return {"world": world, "params": n, "compute_ms": 1e3 * statistics.median(compute),
-            "couple_ms": 1e3 * statistics.median(couple),
-            "allreduce_ms": 1e3 * statistics.median(alone)}
+    return {
+        "world": world,
+        "params": n,
+        "compute_ms": 1e3 * statistics.median(compute),
+        "couple_ms": 1e3 * statistics.median(couple),
+        "allreduce_ms": 1e3 * statistics.median(alone),
+    }
 
 
 def main() -> None:
@@ -77,17 +81,26 @@ def main() -> None:
     rows = []
     for model_name in MODELS:
         for y in (int(p) for p in args.procs.split(",")):
-            res = launch_local(y, _rank_bench, (model_name, args.steps),
-                               env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
-                               start_method="fork", timeout=600)[0]
+            res = launch_local(
+                y,
+                _rank_bench,
+                (model_name, args.steps),
+                env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+                start_method="fork",
+                timeout=600,
+            )[0]
             rows.append((model_name, res))
-    print(f"{'model':6} {'y':>2} {'params':>9} {'MB/allreduce':>12} {'compute ms':>10} "
-          f"{'couple ms':>9} {'allreduce ms':>12} {'couple/compute':>14}")
+    print(
+        f"{'model':6} {'y':>2} {'params':>9} {'MB/allreduce':>12} {'compute ms':>10} "
+        f"{'couple ms':>9} {'allreduce ms':>12} {'couple/compute':>14}"
+    )
     for model_name, r in rows:
         mb = 4 * r["params"] / 1e6
-        print(f"{model_name:6} {r['world']:>2} {r['params']:>9,} {mb:>12.2f} "
-              f"{r['compute_ms']:>10.2f} {r['couple_ms']:>9.2f} {r['allreduce_ms']:>12.2f} "
-              f"{r['couple_ms'] / r['compute_ms']:>14.2f}")
+        print(
+            f"{model_name:6} {r['world']:>2} {r['params']:>9,} {mb:>12.2f} "
+            f"{r['compute_ms']:>10.2f} {r['couple_ms']:>9.2f} {r['allreduce_ms']:>12.2f} "
+            f"{r['couple_ms'] / r['compute_ms']:>14.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ from flatminima.models import build_model, count_parameters
 # ----------------------------------------------------------------------------- configuration
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
 NUM_CLASSES = 10
-# (label, model name, kwargs, iterations per repeat or None for --iters)
-TRAIN_CONFIGS: list[tuple[str, str, dict[str, object], int | None]] = [
-    ("mlp 256-256", "mlp", {}, None),
-    ("cnn width 32", "cnn", {}, None),
-    ("resnet18 width 16", "resnet18", {"width": 16}, None),
-    ("resnet18 width 64", "resnet18", {"width": 64}, 1),  # slow on CPU: one step per repeat
-]
+# key -> (label, model name, kwargs, iterations per repeat or None for --iters)
+TRAIN_CONFIGS: dict[str, tuple[str, str, dict[str, object], int | None]] = {
+    "mlp": ("mlp 256-256", "mlp", {}, None),
+    "cnn": ("cnn width 32", "cnn", {}, None),
+    "resnet18-16": ("resnet18 width 16", "resnet18", {"width": 16}, None),
+    "resnet18-64": ("resnet18 width 64", "resnet18", {"width": 64}, 1),  # slow on CPU
+}
 
 
 def sync(device: torch.device) -> None:
@@ -108,7 +108,11 @@ def main() -> None:
     parser.add_argument(
         "--eval-images", type=int, default=4096, help="images per eval repeat (4096)"
     )
-    parser.add_argument("--skip-resnet64", action="store_true", help="skip ResNet-18 width 64")
+    parser.add_argument(
+        "--train-models",
+        default=",".join(TRAIN_CONFIGS),
+        help=f"comma list of training configs from {','.join(TRAIN_CONFIGS)}; '' for none",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,9 +124,12 @@ def main() -> None:
     )
     print("\nTraining (forward + backward + SGD momentum step)")
     print(f"{'model':<20}{'params':>12}{'images/s':>12}{'ms/step':>10}{'s/60k epoch':>13}")
-    for label, name, kwargs, iters in TRAIN_CONFIGS:
-        if args.skip_resnet64 and name == "resnet18" and kwargs.get("width") == 64:
-            continue
+    keys = [k.strip() for k in args.train_models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in TRAIN_CONFIGS]
+    if unknown:
+        parser.error(f"unknown --train-models {unknown}; choose from {list(TRAIN_CONFIGS)}")
+    for key in keys:
+        label, name, kwargs, iters = TRAIN_CONFIGS[key]
         n_params, rate = bench_train(
             name, kwargs, args.batch_size, iters or args.iters, args.repeats, device
         )

@@ -246,6 +246,20 @@ def test_two_replicas_of_two_ranks_equal_doubled_batch(tmp_path: Path) -> None:
     assert_summaries_match(single, summary)
 
 
+def test_one_replica_is_torch_sgd(tmp_path: Path) -> None:
+    # Exact limit y = 1: the coupling vanishes (w = c), so with any gamma rSGD is torch's SGD on
+    # the same initialisation and minibatch stream.
+    cfg = cfg_of(num_replicas=1, gamma=5.0)
+    sgd = train(cfg.replace(optimizer="sgd"), tmp_path / "sgd")
+    [summary] = _launch(1, [(cfg, str(tmp_path / "dist"), 1, None)])[0]
+    ref = _single_params(tmp_path / "sgd")
+    got = _rank_params(tmp_path / "dist", 0)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+    assert summary["final"]["test_error"] == sgd["final"]["test_error"]
+
+
 # ---------------------------------------------------------------------------- faults
 
 

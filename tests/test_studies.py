@@ -35,14 +35,24 @@ from flatminima.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-TINY = dict(data="gmm", model="mlp", model_kwargs={"hidden": [8]}, epochs=2, batch_size=32,
-            lr=0.05, train_subset=320, train_eval_samples=200, eval_batch_size=512,
-            progress=False)
+TINY = dict(
+    data="gmm",
+    model="mlp",
+    model_kwargs={"hidden": [8]},
+    epochs=2,
+    batch_size=32,
+    lr=0.05,
+    train_subset=320,
+    train_eval_samples=200,
+    eval_batch_size=512,
+    progress=False,
+)
 
 
 def tiny_preset(**common) -> Preset:
-    return Preset.from_dict({"common": {**TINY, **common},
-                             "esgd": {"inner_steps": 2, "lr": 0.5, "gamma": 1e-2}})
+    return Preset.from_dict(
+        {"common": {**TINY, **common}, "esgd": {"inner_steps": 2, "lr": 0.5, "gamma": 1e-2}}
+    )
 
 
 def forbid_work(monkeypatch) -> None:
@@ -125,10 +135,24 @@ def _summary(path: Path) -> dict:
 def test_compare_end_to_end_report_and_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     preset = tiny_preset(val_size=0.2)
-    res = compare(out, preset=preset, optimizers=["sgd", "esgd"], seeds=2,
-                  sigmas=[0.1, 0.5], flatness_draws=2, flatness_samples=100)
-    for name in ("report.md", "results.json", "results.csv", "paired.csv", "runs.csv",
-                 "learning_curves.png", "local_energy.png"):
+    res = compare(
+        out,
+        preset=preset,
+        optimizers=["sgd", "esgd"],
+        seeds=2,
+        sigmas=[0.1, 0.5],
+        flatness_draws=2,
+        flatness_samples=100,
+    )
+    for name in (
+        "report.md",
+        "results.json",
+        "results.csv",
+        "paired.csv",
+        "runs.csv",
+        "learning_curves.png",
+        "local_energy.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "![learning curves](learning_curves.png)" in report
@@ -137,19 +161,28 @@ def test_compare_end_to_end_report_and_resume(tmp_path, monkeypatch, capsys):
 
     # paired seeds: seed s gives both optimizers the same seed (data split, order)
     for s in (0, 1):
-        cfgs = [yaml.safe_load((out / "runs/grad-evals" / a / f"seed{s}/config.yaml").read_text())
-                for a in ("sgd", "esgd")]
+        cfgs = [
+            yaml.safe_load((out / "runs/grad-evals" / a / f"seed{s}/config.yaml").read_text())
+            for a in ("sgd", "esgd")
+        ]
         assert cfgs[0]["seed"] == cfgs[1]["seed"] == s
         assert cfgs[1]["inner_steps"] == 2  # the preset's per-optimizer override is recorded
     # table and paired difference against an independent reading of the run folders
-    err = {a: [_summary(out / "runs/grad-evals" / a / f"seed{s}")["final"]["test_error"]
-               for s in (0, 1)] for a in ("sgd", "esgd")}
+    err = {
+        a: [
+            _summary(out / "runs/grad-evals" / a / f"seed{s}")["final"]["test_error"]
+            for s in (0, 1)
+        ]
+        for a in ("sgd", "esgd")
+    }
     rows = {r["optimizer"]: r for r in res.table}
     assert set(rows) == {"sgd", "esgd", "sgd (early-stopped)"}
     assert rows["esgd"]["test_error"] == pytest.approx(np.mean(err["esgd"]))
     assert rows["esgd"]["test_error_std"] == pytest.approx(np.std(err["esgd"], ddof=1))
-    es = [_summary(out / "runs/grad-evals/sgd" / f"seed{s}")["early_stopped"]["test_error"]
-          for s in (0, 1)]
+    es = [
+        _summary(out / "runs/grad-evals/sgd" / f"seed{s}")["early_stopped"]["test_error"]
+        for s in (0, 1)
+    ]
     assert rows["sgd (early-stopped)"]["test_error"] == pytest.approx(np.mean(es))
     (pair,) = [p for p in res.paired if p["reference"] == "sgd"]
     d = np.subtract(err["esgd"], err["sgd"])
@@ -159,25 +192,50 @@ def test_compare_end_to_end_report_and_resume(tmp_path, monkeypatch, capsys):
     flat = json.loads((out / "runs/grad-evals/sgd/seed0/flatness.json").read_text())
     de = flat["local_energy"]["result"]["delta_error"]
     assert flat["local_energy"]["result"]["sigmas"] == [0.1, 0.5]
-    assert rows["sgd"]["dE(0.5)"] == pytest.approx(np.mean([
-        json.loads((out / f"runs/grad-evals/sgd/seed{s}/flatness.json").read_text())
-        ["local_energy"]["result"]["delta_error"][1] for s in (0, 1)]))
+    assert rows["sgd"]["dE(0.5)"] == pytest.approx(
+        np.mean(
+            [
+                json.loads((out / f"runs/grad-evals/sgd/seed{s}/flatness.json").read_text())[
+                    "local_energy"
+                ]["result"]["delta_error"][1]
+                for s in (0, 1)
+            ]
+        )
+    )
     assert de[1] >= de[0] - 0.05  # more noise, (statistically) no less damage
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["seeds"] == [0, 1] and "configs" in saved
     assert len(saved["curves"]["grad-evals"]["sgd"]["mean"]) == 2  # one point per epoch
 
     # re-run through the CLI: nothing is retrained or re-measured, the table is printed
-    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/*") if p.suffix in
-              (".pt", ".json")}
+    mtimes = {
+        p: p.stat().st_mtime_ns for p in out.glob("runs/**/*") if p.suffix in (".pt", ".json")
+    }
     forbid_work(monkeypatch)
     from flatminima.cli import main
 
     preset_file = tmp_path / "p.yaml"
     preset_file.write_text(yaml.safe_dump(preset.to_dict()))
-    rc = main(["compare", "--preset-file", str(preset_file), "--optimizers", "sgd,esgd",
-               "--seeds", "2", "--sigmas", "0.1,0.5", "--flatness-draws", "2",
-               "--flatness-samples", "100", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "compare",
+            "--preset-file",
+            str(preset_file),
+            "--optimizers",
+            "sgd,esgd",
+            "--seeds",
+            "2",
+            "--sigmas",
+            "0.1,0.5",
+            "--flatness-draws",
+            "2",
+            "--flatness-samples",
+            "100",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     printed = capsys.readouterr().out
@@ -189,8 +247,7 @@ def test_compare_budgets_and_large_batch_configs():
     assert parse_budget("equal-epochs") == ["epochs"]
     with pytest.raises(ValueError, match="flops"):
         parse_budget("flops")
-    preset = Preset.from_dict({"common": {**TINY, "batch_size": 16},
-                               "rsgd": {"num_replicas": 4}})
+    preset = Preset.from_dict({"common": {**TINY, "batch_size": 16}, "rsgd": {"num_replicas": 4}})
     cfgs = compare_configs(preset, ["sgd", "rsgd"], "epochs", large_batch=True)
     assert cfgs["sgd-large-batch"].batch_size == 64 and cfgs["sgd-large-batch"].optimizer == "sgd"
     assert all(c.budget == "epochs" for c in cfgs.values())
@@ -221,8 +278,9 @@ def test_bad_inputs_raise_value_error_naming_the_value(tmp_path):
     with pytest.raises(ValueError, match="val_size"):
         tune(tmp_path, optimizer="sgd", grid="lr=0.1,0.2", preset=tiny_preset())
     with pytest.raises(ValueError, match="Invalid number of trials 5"):
-        tune(tmp_path, optimizer="sgd", grid="lr=0.1,0.2", preset=tiny_preset(val_size=0.2),
-             trials=5)
+        tune(
+            tmp_path, optimizer="sgd", grid="lr=0.1,0.2", preset=tiny_preset(val_size=0.2), trials=5
+        )
     with pytest.raises(ValueError, match="nope"):
         Preset.from_dict({"common": TINY, "nope": {"lr": 0.1}})
     with pytest.raises(FileNotFoundError, match="no-such-preset"):
@@ -260,10 +318,14 @@ def test_select_best_uses_validation_only():
 
 def test_tune_picks_best_validation_trial_and_writes_preset_fragment(tmp_path):
     out = tmp_path / "tune"
-    res = tune(out, optimizer="sgd", grid="lr=0.002,0.3,1e12", preset=tiny_preset(val_size=0.25),
-               overrides={"epochs": 1})
-    vals = [_summary(out / "trials" / f"{i:03d}" / "seed0")["final"]["val_error"]
-            for i in range(2)]
+    res = tune(
+        out,
+        optimizer="sgd",
+        grid="lr=0.002,0.3,1e12",
+        preset=tiny_preset(val_size=0.25),
+        overrides={"epochs": 1},
+    )
+    vals = [_summary(out / "trials" / f"{i:03d}" / "seed0")["final"]["val_error"] for i in range(2)]
     best_i = int(np.argmin(vals))  # distinct lrs 150x apart: no tie expected
     assert vals[0] != vals[1]
     assert res.best["trial"] == best_i
@@ -284,13 +346,19 @@ def test_tune_picks_best_validation_trial_and_writes_preset_fragment(tmp_path):
 
 
 def test_correlation_study_measures_reports_and_resumes(tmp_path, monkeypatch):
-    grid = {"base": {**TINY, "epochs": 1}, "grid": {"optimizer": ["sgd", "sam"],
-                                                    "lr": [0.005, 0.3]},
-            "measure": {"sigmas": [0.2], "n_draws": 2, "n_samples": 100,
-                        "hessian_samples": 2, "free_entropy": "auto",
-                        "free_entropy_options": {"n_t": 2, "n_chains": 2, "n_steps": 4,
-                                                 "burn_in": 2}},
-            "n_boot": 50}
+    grid = {
+        "base": {**TINY, "epochs": 1},
+        "grid": {"optimizer": ["sgd", "sam"], "lr": [0.005, 0.3]},
+        "measure": {
+            "sigmas": [0.2],
+            "n_draws": 2,
+            "n_samples": 100,
+            "hessian_samples": 2,
+            "free_entropy": "auto",
+            "free_entropy_options": {"n_t": 2, "n_chains": 2, "n_steps": 4, "burn_in": 2},
+        },
+        "n_boot": 50,
+    }
     out = tmp_path / "study"
     res = correlation_study(out, grid)
     assert len(res.records) == 4
@@ -298,8 +366,12 @@ def test_correlation_study_measures_reports_and_resumes(tmp_path, monkeypatch):
     for r in res.records:
         assert r["gen_gap"] == pytest.approx(r["test_error"] - r["train_error"])
         assert math.isfinite(r["hessian_trace"]) and r["neg_free_entropy"] == r["neg_free_entropy"]
-    assert set(res.measures) == {"local_energy_error_s0.2", "local_energy_loss_s0.2",
-                                 "hessian_trace", "neg_free_entropy"}
+    assert set(res.measures) == {
+        "local_energy_error_s0.2",
+        "local_energy_loss_s0.2",
+        "hessian_trace",
+        "neg_free_entropy",
+    }
     targets = {(c["measure"], c["target"]) for c in res.correlations}
     assert ("hessian_trace", "test_error") in targets and ("hessian_trace", "gen_gap") in targets
     assert ("neg_free_entropy", "hessian_trace") in targets  # measures against each other
@@ -323,9 +395,16 @@ def test_correlation_study_measures_reports_and_resumes(tmp_path, monkeypatch):
 def test_every_preset_parses_and_builds_configs():
     files = sorted(CONFIGS.glob("*.yaml"))
     names = {f.stem for f in files}
-    assert {"fashion-quick", "fashion-cnn", "cifar10-resnet18", "cifar10-wrn28-10",
-            "cifar100-resnet18", "cifar100-wrn28-10", "fashion-resnet18-gpu",
-            "study-digits-mlp"} <= names
+    assert {
+        "fashion-quick",
+        "fashion-cnn",
+        "cifar10-resnet18",
+        "cifar10-wrn28-10",
+        "cifar100-resnet18",
+        "cifar100-wrn28-10",
+        "fashion-resnet18-gpu",
+        "study-digits-mlp",
+    } <= names
     for f in files:
         if f.stem.startswith("study-"):
             spec = load_study_grid(f)
@@ -338,14 +417,21 @@ def test_every_preset_parses_and_builds_configs():
         assert set(preset.study) <= set(STUDY_KEYS)
         arms = preset.study.get("optimizers") or list(preset.arms)
         for b in parse_budget(preset.study.get("budget", "grad-evals")):
-            cfgs = compare_configs(preset, arms, b, large_batch=preset.study.get("large_batch",
-                                                                                  False))
+            cfgs = compare_configs(
+                preset, arms, b, large_batch=preset.study.get("large_batch", False)
+            )
             assert set(arms) <= set(cfgs), f.name
     paper = load_preset("cifar10-resnet18")
     for opt in ("sgd", "esgd", "rsgd", "sam"):
         c = arm_config(paper, opt)
-        assert (c.momentum, c.nesterov, c.weight_decay, c.batch_size, c.lr_schedule,
-                c.epochs) == (0.9, True, 5e-4, 128, "cosine", 200)
+        assert (c.momentum, c.nesterov, c.weight_decay, c.batch_size, c.lr_schedule, c.epochs) == (
+            0.9,
+            True,
+            5e-4,
+            128,
+            "cosine",
+            200,
+        )
     assert arm_config(paper, "rsgd").num_replicas == 3
     assert arm_config(paper, "esgd").inner_steps == 5
     assert arm_config(paper, "esgd").gamma_growth == 1e4

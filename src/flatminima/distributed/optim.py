@@ -171,7 +171,9 @@ class DistributedReplicatedSGD(Optimizer):
         """Whether the coupling (and its all-reduce) happens at 0-based ``step`` (default: next)."""
         t = self.steps if step is None else step
         g = self.param_groups[0]
-        return g["gamma"] != 0.0 and t % g["coupling_every"] == 0
+        # with one replica (y = W / G = 1) the coupling is exactly zero: skipped, as in
+        # ReplicatedSGD, so that y = 1 is plain SGD bit for bit
+        return g["gamma"] != 0.0 and t % g["coupling_every"] == 0 and self.world > self.group_size
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -195,11 +197,10 @@ class DistributedReplicatedSGD(Optimizer):
         if self._coupled:
             g = self.param_groups[0]
             kg = g["coupling_every"] * g["gamma"]
-            c = self.flat.detach().clone()
-            dist.all_reduce(c, group=self.group)
-            c.div_(self.world)
+            total = self.flat.detach().clone()
+            dist.all_reduce(total, group=self.group)  # sum over W ranks = G * sum_a w_a
             self.flat_grad.add_(self.flat, alpha=kg + g["weight_decay"])
-            self.flat_grad.sub_(c, alpha=kg)
+            self.flat_grad.sub_(total, alpha=kg / self.world)  # c = total / W, folded in
         self._coupled_done = True
 
     # ------------------------------------------------------------------ the step

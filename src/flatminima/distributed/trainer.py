@@ -353,17 +353,15 @@ def train_distributed(
             else int(os.environ.get("WORLD_SIZE", "1"))
         )
         ctx = init_distributed(1, world, device=cfg.device, timeout=timeout, backend=backend)
-    failed = True
     try:
-        eff = cfg.replace(batch_size=cfg.batch_size * ctx.procs_per_replica, device=str(ctx.device))
-        trainer = DistributedTrainer(eff, out_dir, ctx, data=data, progress=progress)
-        summary = trainer.run()
-        failed = False
-        return summary
-    finally:
-        if not failed:
-            ctx.close()
-        # after a failure the group is left to process exit: destroying it could block on the
-        # dead peer, and the error must reach the caller within the timeout.
-        if failed:
-            log.debug("rank %d: leaving the process group after a failure", ctx.rank)
+        eff = cfg.replace(
+            batch_size=cfg.batch_size * ctx.procs_per_replica, device=str(ctx.device)
+        )
+        summary = DistributedTrainer(eff, out_dir, ctx, data=data, progress=progress).run()
+    except BaseException:
+        # The group is left to process exit: destroying it could block on a dead peer, and the
+        # error must reach the caller within the timeout.
+        log.debug("rank %d: leaving the process group after a failure", ctx.rank)
+        raise
+    ctx.close()
+    return summary

@@ -1,7 +1,7 @@
 """Local energy: the increase of the training loss/error under random weight noise.
 
 Pittorino et al., "Entropic gradient descent algorithms and wide flat minima", ICLR 2021
-(arXiv:2006.07897), Sec. 3 and Fig. 2: the local energy
+(arXiv:2006.07897), "flatness measures": the local energy
 
     delta_E(w, sigma) = E_xi[ E_train(w * (1 + sigma * xi)) ] - E_train(w),   xi ~ N(0, I),
 

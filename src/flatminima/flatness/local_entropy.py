@@ -1,6 +1,7 @@
 """Local free entropy by thermodynamic integration with Langevin sampling.
 
-Definition (Pittorino et al., ICLR 2021, arXiv:2006.07897, Eq. 3; Baldassi et al., PNAS 2016):
+Definition (Pittorino et al., ICLR 2021, arXiv:2006.07897; Baldassi et al., PNAS 2016,
+"Unreasonable effectiveness of learning neural networks"; Chaudhari et al., ICLR 2017):
 
     Phi(w; gamma, beta) = log E_{w' ~ N(w, I / (beta gamma))} exp(-beta (E(w') - E(w)))  (<= 0 at
     a minimum; closer to 0 = flatter).

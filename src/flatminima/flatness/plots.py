@@ -28,7 +28,7 @@ def plot_local_energy(
     Args:
         results: ``{label: result}``, or a list of results (labelled ``run 0``, ``run 1``...).
         path: output file (parent folders are created); ``.png`` is the intended format.
-        metric: ``"error"`` (train-error increase, the paper's Fig. 2) or ``"loss"``.
+        metric: ``"error"`` (train-error increase, as plotted in the paper) or ``"loss"``.
         title: figure title (default describes the metric and noise type).
         dpi: resolution.
 

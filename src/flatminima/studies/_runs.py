@@ -37,23 +37,30 @@ class DataCache:
 
     @staticmethod
     def key(cfg: TrainConfig) -> tuple:
-        return (cfg.data, cfg.data_root, cfg.val_size, cfg.train_subset, cfg.label_noise,
-                cfg.seed)
+        return (cfg.data, cfg.data_root, cfg.val_size, cfg.train_subset, cfg.label_noise, cfg.seed)
 
     def get(self, cfg: TrainConfig) -> DataSplits:
         key = self.key(cfg)
         if key not in self._cache:
             self._cache[key] = load_dataset(
-                cfg.data, cfg.data_root, val_size=cfg.val_size, train_subset=cfg.train_subset,
-                label_noise=cfg.label_noise, seed=cfg.seed)
+                cfg.data,
+                cfg.data_root,
+                val_size=cfg.val_size,
+                train_subset=cfg.train_subset,
+                label_noise=cfg.label_noise,
+                seed=cfg.seed,
+            )
         return self._cache[key]
 
 
 def is_complete(run_dir: Path, cfg: TrainConfig) -> bool:
     """Whether ``run_dir`` holds a finished run of exactly ``cfg``."""
     summary = read_summary(run_dir)
-    return bool(summary) and summary.get("status") == "complete" \
+    return (
+        bool(summary)
+        and summary.get("status") == "complete"
         and summary.get("config") == cfg.numerics()
+    )
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, data: DataCache) -> dict[str, Any]:
@@ -64,8 +71,11 @@ def train_run(cfg: TrainConfig, run_dir: Path, data: DataCache) -> dict[str, Any
     it would diverge again).
     """
     summary = read_summary(run_dir)
-    if summary and summary.get("config") == cfg.numerics() \
-            and summary.get("status") in ("complete", "diverged"):
+    if (
+        summary
+        and summary.get("config") == cfg.numerics()
+        and summary.get("status") in ("complete", "diverged")
+    ):
         log.info("skipping finished run %s (%s)", run_dir, summary["status"])
         return summary
     try:
@@ -83,8 +93,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open() as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
 
 
 def load_network(cfg: TrainConfig, run_dir: Path, data: DataCache) -> tuple[nn.Module, DataSplits]:
@@ -141,10 +153,14 @@ class MeasureSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {name} value: {v!r} (must be an integer >= 1)")
-        if isinstance(self.hessian_samples, bool) or not isinstance(self.hessian_samples, int) \
-                or self.hessian_samples < 0:
+        if (
+            isinstance(self.hessian_samples, bool)
+            or not isinstance(self.hessian_samples, int)
+            or self.hessian_samples < 0
+        ):
             raise ValueError(
-                f"Invalid hessian_samples value: {self.hessian_samples!r} (integer >= 0)")
+                f"Invalid hessian_samples value: {self.hessian_samples!r} (integer >= 0)"
+            )
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -153,8 +169,9 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def measure_run(cfg: TrainConfig, run_dir: Path, data: DataCache,
-                settings: MeasureSettings) -> dict[str, Any]:
+def measure_run(
+    cfg: TrainConfig, run_dir: Path, data: DataCache, settings: MeasureSettings
+) -> dict[str, Any]:
     """Flatness of a finished run's evaluated network, cached in ``run_dir/flatness.json``.
 
     Measures (each only when asked for and not cached with the same settings):
@@ -174,16 +191,22 @@ def measure_run(cfg: TrainConfig, run_dir: Path, data: DataCache,
     stamp = {"steps": summary.get("steps"), "config": cfg.numerics()}
     n = settings.n_samples
     wanted: dict[str, dict[str, Any]] = {
-        "local_energy": {"sigmas": [float(s) for s in settings.sigmas],
-                         "n_draws": settings.n_draws, "n_samples": n, "seed": settings.seed},
+        "local_energy": {
+            "sigmas": [float(s) for s in settings.sigmas],
+            "n_draws": settings.n_draws,
+            "n_samples": n,
+            "seed": settings.seed,
+        },
     }
     if settings.hessian_samples:
-        wanted["hessian_trace"] = {"n_probes": settings.hessian_samples, "n_samples": n,
-                                   "seed": settings.seed}
+        wanted["hessian_trace"] = {
+            "n_probes": settings.hessian_samples,
+            "n_samples": n,
+            "seed": settings.seed,
+        }
     if settings.free_entropy is not None:
         wanted["free_entropy"] = {**settings.free_entropy, "n_samples": n, "seed": settings.seed}
-    todo = [k for k, s in wanted.items()
-            if cache.get(k, {}).get("settings") != {**s, **stamp}]
+    todo = [k for k, s in wanted.items() if cache.get(k, {}).get("settings") != {**s, **stamp}]
     if todo:
         from flatminima.flatness import hessian_trace, local_energy, local_free_entropy
 
@@ -194,17 +217,29 @@ def measure_run(cfg: TrainConfig, run_dir: Path, data: DataCache,
         bs = cfg.eval_batch_size
         for key in todo:
             if key == "local_energy":
-                res = local_energy(model, xy, settings.sigmas, n_draws=settings.n_draws,
-                                   seed=settings.seed, batch_size=bs).to_dict()
+                res = local_energy(
+                    model,
+                    xy,
+                    settings.sigmas,
+                    n_draws=settings.n_draws,
+                    seed=settings.seed,
+                    batch_size=bs,
+                ).to_dict()
             elif key == "hessian_trace":
-                res = hessian_trace(model, F.cross_entropy, xy,
-                                    n_samples=settings.hessian_samples, seed=settings.seed,
-                                    batch_size=bs).to_dict()
+                res = hessian_trace(
+                    model,
+                    F.cross_entropy,
+                    xy,
+                    n_samples=settings.hessian_samples,
+                    seed=settings.seed,
+                    batch_size=bs,
+                ).to_dict()
             else:
                 opts = dict(settings.free_entropy or {})
                 gamma, beta = float(opts.pop("gamma")), float(opts.pop("beta"))
-                res = local_free_entropy(model, xy, gamma, beta, seed=settings.seed,
-                                         batch_size=bs, **opts).to_dict()
+                res = local_free_entropy(
+                    model, xy, gamma, beta, seed=settings.seed, batch_size=bs, **opts
+                ).to_dict()
             cache[key] = {"settings": {**wanted[key], **stamp}, "result": res}
             log.info("measured %s of %s", key, run_dir)
         _write_json(cache, path)

@@ -55,9 +55,13 @@ __all__ = [
 
 #: budget name (TrainConfig.budget) -> label used in every table and plot
 BUDGET_LABELS = {"grad-evals": "equal gradient evaluations", "epochs": "equal epochs per replica"}
-_BUDGET_ALIASES = {"grad-evals": ["grad-evals"], "equal-grad-evals": ["grad-evals"],
-                   "epochs": ["epochs"], "equal-epochs": ["epochs"],
-                   "both": ["grad-evals", "epochs"]}
+_BUDGET_ALIASES = {
+    "grad-evals": ["grad-evals"],
+    "equal-grad-evals": ["grad-evals"],
+    "epochs": ["epochs"],
+    "equal-epochs": ["epochs"],
+    "both": ["grad-evals", "epochs"],
+}
 EARLY_STOPPED = "sgd (early-stopped)"
 LARGE_BATCH = "sgd-large-batch"
 REFERENCES = ("sgd", "sam")
@@ -134,14 +138,25 @@ class CompareResult:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "paired": self.paired, "runs": self.runs,
-                "curves": self.curves, "local_energy": self.energy, "configs": self.configs,
-                "settings": self.settings, "files": self.files}
+        return {
+            "table": self.table,
+            "paired": self.paired,
+            "runs": self.runs,
+            "curves": self.curves,
+            "local_energy": self.energy,
+            "configs": self.configs,
+            "settings": self.settings,
+            "files": self.files,
+        }
 
 
-def compare_configs(preset: Preset | None, arms: Sequence[str], budget: str,
-                    overrides: dict[str, Any] | None = None,
-                    large_batch: bool = False) -> dict[str, TrainConfig]:
+def compare_configs(
+    preset: Preset | None,
+    arms: Sequence[str],
+    budget: str,
+    overrides: dict[str, Any] | None = None,
+    large_batch: bool = False,
+) -> dict[str, TrainConfig]:
     """The TrainConfig of every arm under ``budget`` (seed 0; the seed is set per run).
 
     ``large_batch`` adds the arm ``sgd-large-batch``: SGD with batch ``y * B`` where ``y`` and
@@ -163,8 +178,9 @@ def compare_configs(preset: Preset | None, arms: Sequence[str], budget: str,
         if "rsgd" not in configs:
             raise ValueError("large_batch needs an 'rsgd' arm to match (y replicas of batch B)")
         r = configs["rsgd"]
-        configs[LARGE_BATCH] = arm_config(preset, "sgd", over,
-                                          batch_size=r.num_replicas * r.batch_size)
+        configs[LARGE_BATCH] = arm_config(
+            preset, "sgd", over, batch_size=r.num_replicas * r.batch_size
+        )
     return configs
 
 
@@ -250,8 +266,7 @@ def compare(
     seed_list = _seed_list(seeds if seeds is not None else study.get("seeds", 3))
     budgets = parse_budget(budget or study.get("budget", "grad-evals"))
     settings = MeasureSettings(
-        sigmas=[float(s) for s in (sigmas or study.get("sigmas") or
-                                   [0.05, 0.1, 0.2, 0.3, 0.5])],
+        sigmas=[float(s) for s in (sigmas or study.get("sigmas") or [0.05, 0.1, 0.2, 0.3, 0.5])],
         n_draws=int(flatness_draws or study.get("flatness_draws", 5)),
         n_samples=int(flatness_samples or study.get("flatness_samples", 2000)),
     )
@@ -266,8 +281,14 @@ def compare(
     configs = {b: compare_configs(preset, arms, b, over, lb) for b in budgets}
     out = Path(out_dir)
     jobs = [(b, arm, s) for b in budgets for arm in configs[b] for s in seed_list]
-    log.info("compare: %d runs (%d budgets x %d arms x %d seeds) into %s", len(jobs),
-             len(budgets), len(configs[budgets[0]]), len(seed_list), out)
+    log.info(
+        "compare: %d runs (%d budgets x %d arms x %d seeds) into %s",
+        len(jobs),
+        len(budgets),
+        len(configs[budgets[0]]),
+        len(seed_list),
+        out,
+    )
 
     data = DataCache()
     bar = None
@@ -285,24 +306,35 @@ def compare(
             summary = train_run(cfg, run_dir, data)
             ok = summary.get("status") == "complete"
             nan = [math.nan] * len(settings.sigmas)
-            flat = measure_run(cfg, run_dir, data, settings)["local_energy"] if ok else {
-                "sigmas": settings.sigmas, "delta_error": nan, "delta_loss": nan}
+            flat = (
+                measure_run(cfg, run_dir, data, settings)["local_energy"]
+                if ok
+                else {"sigmas": settings.sigmas, "delta_error": nan, "delta_loss": nan}
+            )
             final = summary.get("final", {}) if ok else {}
             es = summary.get("early_stopped") or {}
-            runs.append({
-                "budget": b, "arm": arm, "optimizer": cfg.optimizer, "seed": s,
-                "run_dir": str(run_dir), "status": summary.get("status"),
-                "test_error": final.get("test_error"), "test_loss": final.get("test_loss"),
-                "train_error": final.get("train_error"), "val_error": final.get("val_error"),
-                "early_stopped_test_error": es.get("test_error"),
-                "early_stopped_epoch": es.get("epoch"),
-                "grad_evals": summary.get("grad_evals"),
-                "train_time_s": summary.get("train_time_s"),
-                "local_energy_sigmas": flat["sigmas"],
-                "local_energy_error": flat["delta_error"],
-                "local_energy_loss": flat["delta_loss"],
-                "history": read_metrics(run_dir),
-            })
+            runs.append(
+                {
+                    "budget": b,
+                    "arm": arm,
+                    "optimizer": cfg.optimizer,
+                    "seed": s,
+                    "run_dir": str(run_dir),
+                    "status": summary.get("status"),
+                    "test_error": final.get("test_error"),
+                    "test_loss": final.get("test_loss"),
+                    "train_error": final.get("train_error"),
+                    "val_error": final.get("val_error"),
+                    "early_stopped_test_error": es.get("test_error"),
+                    "early_stopped_epoch": es.get("epoch"),
+                    "grad_evals": summary.get("grad_evals"),
+                    "train_time_s": summary.get("train_time_s"),
+                    "local_energy_sigmas": flat["sigmas"],
+                    "local_energy_error": flat["delta_error"],
+                    "local_energy_loss": flat["delta_loss"],
+                    "history": read_metrics(run_dir),
+                }
+            )
             if bar is not None:
                 bar.update(1)
     finally:
@@ -316,23 +348,36 @@ def compare(
     return result
 
 
-def _aggregate(runs: list[dict[str, Any]], configs: dict[str, dict[str, TrainConfig]],
-               budgets: list[str], seed_list: list[int], settings: MeasureSettings,
-               preset: Preset | None, out: Path) -> CompareResult:
+def _aggregate(
+    runs: list[dict[str, Any]],
+    configs: dict[str, dict[str, TrainConfig]],
+    budgets: list[str],
+    seed_list: list[int],
+    settings: MeasureSettings,
+    preset: Preset | None,
+    out: Path,
+) -> CompareResult:
     table, paired = [], []
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     energy: dict[str, dict[str, dict[str, list[float]]]] = {}
     sig = settings.sigmas
     for b in budgets:
         curves[b], energy[b] = {}, {}
-        by_arm = {arm: sorted((r for r in runs if r["budget"] == b and r["arm"] == arm),
-                              key=lambda r: r["seed"]) for arm in configs[b]}
+        by_arm = {
+            arm: sorted(
+                (r for r in runs if r["budget"] == b and r["arm"] == arm), key=lambda r: r["seed"]
+            )
+            for arm in configs[b]
+        }
         for arm, rs in by_arm.items():
             te = summarize([r["test_error"] for r in rs])
             row: dict[str, Any] = {
-                "budget": b, "optimizer": arm, "seeds": te["n"],
+                "budget": b,
+                "optimizer": arm,
+                "seeds": te["n"],
                 "diverged": sum(r["status"] != "complete" for r in rs),
-                "test_error": te["mean"], "test_error_std": te["std"],
+                "test_error": te["mean"],
+                "test_error_std": te["std"],
                 "test_error_se": te["se"],
                 "train_error": summarize([r["train_error"] for r in rs])["mean"],
             }
@@ -352,31 +397,50 @@ def _aggregate(runs: list[dict[str, Any]], configs: dict[str, dict[str, TrainCon
             energy[b][arm] = {"sigmas": list(sig), "mean": mean_e, "se": se_e}
             if arm == "sgd" and any(r["early_stopped_test_error"] is not None for r in rs):
                 es_ = summarize([r["early_stopped_test_error"] for r in rs])
-                table.append({"budget": b, "optimizer": EARLY_STOPPED, "seeds": es_["n"],
-                              "test_error": es_["mean"], "test_error_std": es_["std"],
-                              "test_error_se": es_["se"]})
+                table.append(
+                    {
+                        "budget": b,
+                        "optimizer": EARLY_STOPPED,
+                        "seeds": es_["n"],
+                        "test_error": es_["mean"],
+                        "test_error_std": es_["std"],
+                        "test_error_se": es_["se"],
+                    }
+                )
         for ref in REFERENCES:
             if ref not in by_arm:
                 continue
             ref_err = {r["seed"]: r["test_error"] for r in by_arm[ref]}
             for arm, rs in by_arm.items():
-                if arm == ref or (arm in REFERENCES and REFERENCES.index(arm) <
-                                  REFERENCES.index(ref)):
+                if arm == ref or (
+                    arm in REFERENCES and REFERENCES.index(arm) < REFERENCES.index(ref)
+                ):
                     continue  # sgd against sam is already there as sam against sgd
-                pairs = [(r["test_error"], ref_err[r["seed"]]) for r in rs
-                         if r["seed"] in ref_err]
+                pairs = [(r["test_error"], ref_err[r["seed"]]) for r in rs if r["seed"] in ref_err]
                 if not pairs:
                     continue
                 d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
-                paired.append({"budget": b, "optimizer": arm, "reference": ref,
-                               "pairs": d["n"], "diff_test_error": d["mean"],
-                               "diff_se": d["se"], "ci_low": d["ci_low"],
-                               "ci_high": d["ci_high"], "p_value": d["p_value"]})
+                paired.append(
+                    {
+                        "budget": b,
+                        "optimizer": arm,
+                        "reference": ref,
+                        "pairs": d["n"],
+                        "diff_test_error": d["mean"],
+                        "diff_se": d["se"],
+                        "ci_low": d["ci_low"],
+                        "ci_high": d["ci_high"],
+                        "p_value": d["p_value"],
+                    }
+                )
     settings_out = {
-        "seeds": seed_list, "budgets": budgets,
+        "seeds": seed_list,
+        "budgets": budgets,
         "budget_labels": {b: BUDGET_LABELS[b] for b in budgets},
-        "sigmas": list(sig), "flatness_draws": settings.n_draws,
-        "flatness_samples": settings.n_samples, "measure_seed": settings.seed,
+        "sigmas": list(sig),
+        "flatness_draws": settings.n_draws,
+        "flatness_samples": settings.n_samples,
+        "measure_seed": settings.seed,
         "preset": preset.source if preset is not None else None,
         "preset_description": preset.description if preset is not None else "",
     }

@@ -60,10 +60,23 @@ __all__ = [
 ]
 
 _GRID_KEYS = ("description", "base", "grid", "max_runs", "sample", "seed", "measure", "n_boot")
-_MEASURE_KEYS = ("sigmas", "n_draws", "n_samples", "hessian_samples", "free_entropy",
-                 "free_entropy_max_params", "free_entropy_options")
-DEFAULT_FREE_ENTROPY = {"gamma": 1.0, "beta": 1000.0, "n_t": 8, "n_chains": 2, "n_steps": 60,
-                        "burn_in": 30}
+_MEASURE_KEYS = (
+    "sigmas",
+    "n_draws",
+    "n_samples",
+    "hessian_samples",
+    "free_entropy",
+    "free_entropy_max_params",
+    "free_entropy_options",
+)
+DEFAULT_FREE_ENTROPY = {
+    "gamma": 1.0,
+    "beta": 1000.0,
+    "n_t": 8,
+    "n_chains": 2,
+    "n_steps": 60,
+    "burn_in": 30,
+}
 TARGETS = ("test_error", "gen_gap")
 
 
@@ -80,15 +93,22 @@ class CorrelationResult:
     spearman_ci: tuple[float, float]
 
     def to_row(self) -> dict[str, float]:
-        return {"n": self.n, "kendall_tau": self.kendall_tau,
-                "tau_ci_low": self.kendall_ci[0], "tau_ci_high": self.kendall_ci[1],
-                "kendall_p": self.kendall_p, "spearman_rho": self.spearman_rho,
-                "rho_ci_low": self.spearman_ci[0], "rho_ci_high": self.spearman_ci[1],
-                "spearman_p": self.spearman_p}
+        return {
+            "n": self.n,
+            "kendall_tau": self.kendall_tau,
+            "tau_ci_low": self.kendall_ci[0],
+            "tau_ci_high": self.kendall_ci[1],
+            "kendall_p": self.kendall_p,
+            "spearman_rho": self.spearman_rho,
+            "rho_ci_low": self.spearman_ci[0],
+            "rho_ci_high": self.spearman_ci[1],
+            "spearman_p": self.spearman_p,
+        }
 
 
-def rank_correlation(x: Sequence[float], y: Sequence[float], *, n_boot: int = 1000,
-                     ci: float = 0.95, seed: int = 0) -> CorrelationResult:
+def rank_correlation(
+    x: Sequence[float], y: Sequence[float], *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> CorrelationResult:
     """Kendall tau-b and Spearman rho between ``x`` and ``y`` with bootstrap intervals.
 
     Args:
@@ -135,8 +155,9 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], *, n_boot: int = 10
         lo, hi = np.percentile(vals, q)
         return (float(lo), float(hi))
 
-    return CorrelationResult(n, float(tau), float(tau_p), interval(taus), float(rho),
-                             float(rho_p), interval(rhos))
+    return CorrelationResult(
+        n, float(tau), float(tau_p), interval(taus), float(rho), float(rho_p), interval(rhos)
+    )
 
 
 def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -168,7 +189,8 @@ def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     bad = sorted(set(measure) - set(_MEASURE_KEYS))
     if bad:
         raise ValueError(
-            f"Unknown measure key(s) {bad} in {where}; valid: {', '.join(_MEASURE_KEYS)}")
+            f"Unknown measure key(s) {bad} in {where}; valid: {', '.join(_MEASURE_KEYS)}"
+        )
     for key in ("max_runs", "sample"):
         v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -199,8 +221,7 @@ def _check_free_entropy_options(opts: Mapping[str, Any]) -> None:
     valid = sorted(k for k in params if k not in ("model", "data", "seed", "batch_size"))
     bad = sorted(set(opts) - set(valid))
     if bad:
-        raise ValueError(
-            f"Unknown free_entropy_options {bad}; valid: {', '.join(valid)}")
+        raise ValueError(f"Unknown free_entropy_options {bad}; valid: {', '.join(valid)}")
 
 
 def _slug(point: Mapping[str, Any]) -> str:
@@ -266,8 +287,10 @@ def correlation_study(
     _check_free_entropy_options(fe_opts)
     base_settings = MeasureSettings(
         sigmas=[float(s) for s in m.get("sigmas", [0.05, 0.1, 0.2, 0.3, 0.5])],
-        n_draws=int(m.get("n_draws", 5)), n_samples=int(m.get("n_samples", 1000)),
-        hessian_samples=int(m.get("hessian_samples", 10)))
+        n_draws=int(m.get("n_draws", 5)),
+        n_samples=int(m.get("n_samples", 1000)),
+        hessian_samples=int(m.get("hessian_samples", 10)),
+    )
     base_settings.validate()
     n_boot = int(spec.get("n_boot", 1000) if n_boot is None else n_boot)
     out = Path(out_dir)
@@ -292,18 +315,24 @@ def correlation_study(
             splits = data.get(cfg)
             from flatminima.models import build_model
 
-            n_params = count_parameters(build_model(cfg.model, splits.input_shape,
-                                                    splits.num_classes, **cfg.model_kwargs))
+            n_params = count_parameters(
+                build_model(cfg.model, splits.input_shape, splits.num_classes, **cfg.model_kwargs)
+            )
             use_fe = fe_mode is True or (fe_mode == "auto" and n_params <= fe_max)
-            settings = MeasureSettings(**{**base_settings.__dict__,
-                                          "free_entropy": fe_opts if use_fe else None})
+            settings = MeasureSettings(
+                **{**base_settings.__dict__, "free_entropy": fe_opts if use_fe else None}
+            )
             meas = measure_run(cfg, run_dir, data, settings)
             final = summary.get("final", {})
-            rec: dict[str, Any] = {"run": i, "run_dir": str(run_dir),
-                                   "optimizer": cfg.optimizer, **point,
-                                   "n_params": n_params,
-                                   "test_error": final.get("test_error"),
-                                   "train_error": final.get("train_error")}
+            rec: dict[str, Any] = {
+                "run": i,
+                "run_dir": str(run_dir),
+                "optimizer": cfg.optimizer,
+                **point,
+                "n_params": n_params,
+                "test_error": final.get("test_error"),
+                "train_error": final.get("train_error"),
+            }
             rec["optimizer"] = cfg.optimizer
             rec["gen_gap"] = rec["test_error"] - rec["train_error"]
             le = meas["local_energy"]
@@ -323,8 +352,7 @@ def correlation_study(
     if not records:
         raise RuntimeError(f"All {len(points)} networks diverged; lower the learning rates")
     measures = [k for k in records[0] if k.startswith("local_energy_")]
-    measures += [k for k in ("hessian_trace", "neg_free_entropy")
-                 if any(k in r for r in records)]
+    measures += [k for k in ("hessian_trace", "neg_free_entropy") if any(k in r for r in records)]
     correlations = []
     if len(records) >= 3:
         for meas_key in measures:
@@ -343,20 +371,31 @@ def correlation_study(
                     continue
                 xs = [r.get("neg_free_entropy", math.nan) for r in records]
                 try:
-                    c = rank_correlation(xs, [r.get(meas_key, math.nan) for r in records],
-                                         n_boot=n_boot, seed=0)
+                    c = rank_correlation(
+                        xs, [r.get(meas_key, math.nan) for r in records], n_boot=n_boot, seed=0
+                    )
                 except ValueError:
                     continue
-                correlations.append({"measure": "neg_free_entropy", "target": meas_key,
-                                     **c.to_row()})
+                correlations.append(
+                    {"measure": "neg_free_entropy", "target": meas_key, **c.to_row()}
+                )
     else:
-        log.warning("only %d networks: at least 3 are needed for rank correlations",
-                    len(records))
-    settings = {"grid": spec["grid"], "base": spec["base"], "overrides": over,
-                "n_networks": len(records), "diverged": diverged, "n_boot": n_boot,
-                "measure": {**base_settings.__dict__, "free_entropy": fe_mode,
-                            "free_entropy_options": fe_opts, "free_entropy_max_params": fe_max},
-                "description": spec.get("description", "")}
+        log.warning("only %d networks: at least 3 are needed for rank correlations", len(records))
+    settings = {
+        "grid": spec["grid"],
+        "base": spec["base"],
+        "overrides": over,
+        "n_networks": len(records),
+        "diverged": diverged,
+        "n_boot": n_boot,
+        "measure": {
+            **base_settings.__dict__,
+            "free_entropy": fe_mode,
+            "free_entropy_options": fe_opts,
+            "free_entropy_max_params": fe_max,
+        },
+        "description": spec.get("description", ""),
+    }
     result = StudyResult(records, correlations, measures, out, settings)
     if write:
         from flatminima.studies.report import write_study_report

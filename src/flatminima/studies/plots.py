@@ -31,8 +31,9 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def plot_learning_curves(curves: Curves, path: str | Path, *, title: str,
-                         ylabel: str = "test error") -> Path:
+def plot_learning_curves(
+    curves: Curves, path: str | Path, *, title: str, ylabel: str = "test error"
+) -> Path:
     """Test error against gradient evaluations, mean +- SE band over seeds, one line per arm.
 
     Args:
@@ -64,8 +65,13 @@ def plot_learning_curves(curves: Curves, path: str | Path, *, title: str,
     return _save(fig, path)
 
 
-def plot_energy_curves(curves: Curves, path: str | Path, *, title: str,
-                       ylabel: str = "local energy ΔE (train error increase)") -> Path:
+def plot_energy_curves(
+    curves: Curves,
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str = "local energy ΔE (train error increase)",
+) -> Path:
     """Local energy ``delta_E(sigma)`` per arm, mean +- SE over seeds (error bars).
 
     Args:
@@ -82,8 +88,7 @@ def plot_energy_curves(curves: Curves, path: str | Path, *, title: str,
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     for arm, c in curves.items():
-        ax.errorbar(c["sigmas"], c["mean"], yerr=c["se"], marker="o", ms=4, capsize=3,
-                    label=arm)
+        ax.errorbar(c["sigmas"], c["mean"], yerr=c["se"], marker="o", ms=4, capsize=3, label=arm)
     ax.set_xlabel("σ (multiplicative weight noise w(1 + σξ))")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -92,9 +97,16 @@ def plot_energy_curves(curves: Curves, path: str | Path, *, title: str,
     return _save(fig, path)
 
 
-def plot_scatter(points: Sequence[Mapping[str, Any]], measure: str, targets: Sequence[str],
-                 path: str | Path, *, labels: Mapping[str, str] | None = None,
-                 stats: Mapping[str, str] | None = None, group: str = "optimizer") -> Path:
+def plot_scatter(
+    points: Sequence[Mapping[str, Any]],
+    measure: str,
+    targets: Sequence[str],
+    path: str | Path,
+    *,
+    labels: Mapping[str, str] | None = None,
+    stats: Mapping[str, str] | None = None,
+    group: str = "optimizer",
+) -> Path:
     """One panel per target (test error, generalization gap) against a flatness measure.
 
     Args:
@@ -118,8 +130,9 @@ def plot_scatter(points: Sequence[Mapping[str, Any]], measure: str, targets: Seq
     for ax, target in zip(axes, targets):
         for g in groups:
             sel = [p for p in points if str(p.get(group)) == g]
-            ax.scatter([p[measure] for p in sel], [p[target] for p in sel], s=22, alpha=0.8,
-                       label=g)
+            ax.scatter(
+                [p[measure] for p in sel], [p[target] for p in sel], s=22, alpha=0.8, label=g
+            )
         ax.set_xlabel(labels.get(measure, measure))
         ax.set_ylabel(labels.get(target, target))
         title = labels.get(target, target)

@@ -224,13 +224,15 @@ def arm_optimizer(preset: Preset | None, arm: str) -> str:
         return str(preset.arms[arm].get("optimizer", arm))
     if arm in OPTIMIZER_NAMES:
         return arm
-    known = list(OPTIMIZER_NAMES) + [a for a in (preset.arms if preset else {}) if a not in
-                                     OPTIMIZER_NAMES]
+    known = list(OPTIMIZER_NAMES) + [
+        a for a in (preset.arms if preset else {}) if a not in OPTIMIZER_NAMES
+    ]
     raise ValueError(f"Unknown optimizer {arm!r}; valid: {', '.join(known)}")
 
 
-def arm_config(preset: Preset | None, arm: str, overrides: dict[str, Any] | None = None,
-               **changes: Any) -> TrainConfig:
+def arm_config(
+    preset: Preset | None, arm: str, overrides: dict[str, Any] | None = None, **changes: Any
+) -> TrainConfig:
     """The validated :class:`TrainConfig` of ``arm``: ``common``, then the arm, then overrides.
 
     Args:

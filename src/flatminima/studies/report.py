@@ -37,8 +37,9 @@ def write_json(obj: Any, path: Path) -> Path:
     return path
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path,
-              columns: Sequence[str] | None = None) -> Path:
+def write_csv(
+    rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str] | None = None
+) -> Path:
     """Write dict rows as CSV (columns: ``columns`` or the union of keys in order)."""
     if columns is None:
         columns = []
@@ -55,8 +56,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path,
 
 def compare_table_columns(result: CompareResult) -> list[str]:
     """Columns of the main comparison table (the ``_se`` columns of dE stay in the CSV)."""
-    cols = ["optimizer", "seeds", "test_error", "test_error_std", "test_error_se",
-            "train_error"]
+    cols = ["optimizer", "seeds", "test_error", "test_error_std", "test_error_se", "train_error"]
     cols += [f"dE({s:g})" for s in result.settings["sigmas"]]
     cols += ["grad_evals", "train_time_s"]
     if len(result.settings["budgets"]) > 1:
@@ -70,10 +70,25 @@ def _budget_suffix(result: CompareResult, budget: str) -> str:
 
 #: settings that only matter to one algorithm (shown as "-" for the others)
 _SPECIFIC = {
-    "esgd": {"inner_steps", "inner_lr", "noise", "mu_decay", "scale_by_gamma", "gamma",
-             "gamma_growth", "gamma_max"},
-    "rsgd": {"num_replicas", "coupling_every", "replica_init", "bn", "gamma", "gamma_growth",
-             "gamma_max"},
+    "esgd": {
+        "inner_steps",
+        "inner_lr",
+        "noise",
+        "mu_decay",
+        "scale_by_gamma",
+        "gamma",
+        "gamma_growth",
+        "gamma_max",
+    },
+    "rsgd": {
+        "num_replicas",
+        "coupling_every",
+        "replica_init",
+        "bn",
+        "gamma",
+        "gamma_growth",
+        "gamma_max",
+    },
     "sam": {"rho", "adaptive"},
 }
 
@@ -86,11 +101,23 @@ def _differing(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return key not in specific or key in _SPECIFIC.get(cfg.get("optimizer", ""), set())
 
     keys = sorted({k for c in configs.values() for k in c if k != "optimizer"})
-    diff = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str)
-                                    for c in configs.values() if relevant(c, k)}) > 1
-            or (k in specific and any(relevant(c, k) for c in configs.values()))]
-    return [{"optimizer": a, **{k: c.get(k) if relevant(c, k) else None for k in diff}}
-            for a, c in configs.items()]
+    diff = [
+        k
+        for k in keys
+        if len(
+            {
+                json.dumps(c.get(k), sort_keys=True, default=str)
+                for c in configs.values()
+                if relevant(c, k)
+            }
+        )
+        > 1
+        or (k in specific and any(relevant(c, k) for c in configs.values()))
+    ]
+    return [
+        {"optimizer": a, **{k: c.get(k) if relevant(c, k) else None for k in diff}}
+        for a, c in configs.items()
+    ]
 
 
 def write_compare_report(result: CompareResult) -> dict[str, str]:
@@ -110,16 +137,26 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
     for b in s["budgets"]:
         suffix = _budget_suffix(result, b)
         label = BUDGET_LABELS[b]
-        files[f"learning_curves{suffix}"] = str(plot_learning_curves(
-            result.curves[b], out / f"learning_curves{suffix}.png",
-            title=f"Test error during training ({label})"))
-        files[f"local_energy{suffix}"] = str(plot_energy_curves(
-            result.energy[b], out / f"local_energy{suffix}.png",
-            title=f"Local energy of the final networks ({label})"))
+        files[f"learning_curves{suffix}"] = str(
+            plot_learning_curves(
+                result.curves[b],
+                out / f"learning_curves{suffix}.png",
+                title=f"Test error during training ({label})",
+            )
+        )
+        files[f"local_energy{suffix}"] = str(
+            plot_energy_curves(
+                result.energy[b],
+                out / f"local_energy{suffix}.png",
+                title=f"Local energy of the final networks ({label})",
+            )
+        )
     files["results_csv"] = str(write_csv(result.table, out / "results.csv"))
     files["paired_csv"] = str(write_csv(result.paired, out / "paired.csv"))
-    run_rows = [{k: v for k, v in r.items() if k != "history" and not isinstance(v, list)}
-                for r in result.runs]
+    run_rows = [
+        {k: v for k, v in r.items() if k != "history" and not isinstance(v, list)}
+        for r in result.runs
+    ]
     files["runs_csv"] = str(write_csv(run_rows, out / "runs.csv"))
     files["report"] = str(out / "report.md")
     files["results_json"] = str(out / "results.json")
@@ -151,18 +188,36 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
         if pair_rows:
             lines += [
                 "Paired difference of test error against the reference (negative: better "
-                "than the reference), mean over seeds ± SE, 95% t interval, paired t-test:", "",
-                format_table(pair_rows, ["optimizer", "reference", "pairs", "diff_test_error",
-                                         "diff_se", "ci_low", "ci_high", "p_value"],
-                             markdown=True), "",
+                "than the reference), mean over seeds ± SE, 95% t interval, paired t-test:",
+                "",
+                format_table(
+                    pair_rows,
+                    [
+                        "optimizer",
+                        "reference",
+                        "pairs",
+                        "diff_test_error",
+                        "diff_se",
+                        "ci_low",
+                        "ci_high",
+                        "p_value",
+                    ],
+                    markdown=True,
+                ),
+                "",
             ]
         lines += [
-            f"![learning curves](learning_curves{suffix}.png)", "",
-            f"![local energy](local_energy{suffix}.png)", "",
+            f"![learning curves](learning_curves{suffix}.png)",
+            "",
+            f"![local energy](local_energy{suffix}.png)",
+            "",
         ]
-    lines += ["## Hyperparameters", "",
-              "Settings that differ between optimizers (all settings: `results.json`, "
-              "`configs`):", ""]
+    lines += [
+        "## Hyperparameters",
+        "",
+        "Settings that differ between optimizers (all settings: `results.json`, `configs`):",
+        "",
+    ]
     for b in s["budgets"]:
         rows = _differing(result.configs[b])
         if len(rows[0]) > 1:
@@ -170,9 +225,15 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
         else:
             lines += ["(all optimizers share every setting)", ""]
         break  # the settings differ between budgets only in `budget`
-    lines += ["## Files", "", "- `results.json`: everything above, per-run records, curves",
-              "- `results.csv`, `paired.csv`, `runs.csv`", "- `runs/BUDGET/OPTIMIZER/seedS/`: "
-              "run folders (config.yaml, metrics.csv, summary.json, flatness.json)", ""]
+    lines += [
+        "## Files",
+        "",
+        "- `results.json`: everything above, per-run records, curves",
+        "- `results.csv`, `paired.csv`, `runs.csv`",
+        "- `runs/BUDGET/OPTIMIZER/seedS/`: "
+        "run folders (config.yaml, metrics.csv, summary.json, flatness.json)",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     log.info("wrote report %s", out / "report.md")
     return files
@@ -191,10 +252,12 @@ def measure_label(key: str) -> str:
         return f"local energy ΔE_error(σ={key.removeprefix('local_energy_error_s')})"
     if key.startswith("local_energy_loss_s"):
         return f"local energy ΔE_loss(σ={key.removeprefix('local_energy_loss_s')})"
-    return {"hessian_trace": "Hessian trace (Hutchinson)",
-            "neg_free_entropy": "-Φ (minus local free entropy)",
-            "test_error": "test error",
-            "gen_gap": "generalization gap (test - train error)"}.get(key, key)
+    return {
+        "hessian_trace": "Hessian trace (Hutchinson)",
+        "neg_free_entropy": "-Φ (minus local free entropy)",
+        "test_error": "test error",
+        "gen_gap": "generalization gap (test - train error)",
+    }.get(key, key)
 
 
 def write_study_report(result: StudyResult) -> dict[str, str]:
@@ -205,28 +268,50 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    files = {"networks_csv": str(write_csv(result.records, out / "networks.csv")),
-             "correlations_csv": str(write_csv(result.correlations,
-                                               out / "correlations.csv"))}
+    files = {
+        "networks_csv": str(write_csv(result.records, out / "networks.csv")),
+        "correlations_csv": str(write_csv(result.correlations, out / "correlations.csv")),
+    }
     labels = {k: measure_label(k) for k in [*result.measures, *TARGETS]}
     images = []
     for m in result.measures:
         pts = [r for r in result.records if m in r]
         if not pts:
             continue
-        stats = {c["target"]: f"Kendall τ = {c['kendall_tau']:.2f} "
-                 f"[{c['tau_ci_low']:.2f}, {c['tau_ci_high']:.2f}]"
-                 for c in result.correlations if c["measure"] == m and c["target"] in TARGETS}
+        stats = {
+            c["target"]: f"Kendall τ = {c['kendall_tau']:.2f} "
+            f"[{c['tau_ci_low']:.2f}, {c['tau_ci_high']:.2f}]"
+            for c in result.correlations
+            if c["measure"] == m and c["target"] in TARGETS
+        }
         name = f"scatter_{m}.png"
         plot_scatter(pts, m, list(TARGETS), out / name, labels=labels, stats=stats)
         files[name] = str(out / name)
         images.append((m, name))
-    write_json({"records": result.records, "correlations": result.correlations,
-                "measures": result.measures, "settings": result.settings, "files": files},
-               out / "study.json")
+    write_json(
+        {
+            "records": result.records,
+            "correlations": result.correlations,
+            "measures": result.measures,
+            "settings": result.settings,
+            "files": files,
+        },
+        out / "study.json",
+    )
     s = result.settings
-    cols = ["measure", "target", "n", "kendall_tau", "tau_ci_low", "tau_ci_high", "kendall_p",
-            "spearman_rho", "rho_ci_low", "rho_ci_high", "spearman_p"]
+    cols = [
+        "measure",
+        "target",
+        "n",
+        "kendall_tau",
+        "tau_ci_low",
+        "tau_ci_high",
+        "kendall_p",
+        "spearman_rho",
+        "rho_ci_low",
+        "rho_ci_high",
+        "spearman_p",
+    ]
     main = [c for c in result.correlations if c["target"] in TARGETS]
     cross = [c for c in result.correlations if c["target"] not in TARGETS]
     lines = ["# Flatness vs generalization", ""]
@@ -242,17 +327,29 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
         f"- Kendall τ-b and Spearman ρ with scipy p-values and percentile bootstrap 95% "
         f"intervals ({s['n_boot']} resamples of the networks).",
         "",
-        "## Correlation with test error and generalization gap", "",
-        format_table(main, cols, markdown=True) if main else "(fewer than 3 networks)", "",
+        "## Correlation with test error and generalization gap",
+        "",
+        format_table(main, cols, markdown=True) if main else "(fewer than 3 networks)",
+        "",
     ]
     if cross:
-        lines += ["## Agreement between flatness measures", "",
-                  "Rank correlation of -Φ (local free entropy) with each other measure:", "",
-                  format_table(cross, cols, markdown=True), ""]
+        lines += [
+            "## Agreement between flatness measures",
+            "",
+            "Rank correlation of -Φ (local free entropy) with each other measure:",
+            "",
+            format_table(cross, cols, markdown=True),
+            "",
+        ]
     lines += ["## Scatter plots", ""]
     lines += [f"![{measure_label(m)}]({name})\n" for m, name in images]
-    lines += ["## Networks", "", f"All {len(result.records)} networks: `networks.csv`; "
-              "correlations: `correlations.csv`; everything: `study.json`.", ""]
+    lines += [
+        "## Networks",
+        "",
+        f"All {len(result.records)} networks: `networks.csv`; "
+        "correlations: `correlations.csv`; everything: `study.json`.",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     files["report"] = str(out / "report.md")
     log.info("wrote study report %s", out / "report.md")

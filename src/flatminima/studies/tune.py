@@ -42,8 +42,9 @@ __all__ = ["TuneResult", "grid_points", "rank_trials", "select_best", "tune"]
 TRIAL_METRICS = ("val_error", "val_loss", "train_error")
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]], max_points: int | None = None,
-                seed: int = 0) -> list[dict[str, Any]]:
+def grid_points(
+    grid: Mapping[str, Sequence[Any]], max_points: int | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
     """Cartesian product of ``grid`` (in key order), or a seeded random subset of ``max_points``.
 
     Raises:
@@ -76,8 +77,11 @@ def select_best(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     Raises:
         ValueError: no trials, or no trial with a finite validation error.
     """
-    scored = [t for t in trials if isinstance(t["val_error"], (int, float))
-              and math.isfinite(t["val_error"])]
+    scored = [
+        t
+        for t in trials
+        if isinstance(t["val_error"], (int, float)) and math.isfinite(t["val_error"])
+    ]
     if not scored:
         raise ValueError("No trial has a finite validation error; is val_size > 0?")
 
@@ -147,7 +151,8 @@ def tune(
         if bad in parsed:
             raise ValueError(
                 f"Invalid grid key {bad!r}: tune one optimizer at fixed seeds and validation "
-                "split; run tune once per optimizer instead")
+                "split; run tune once per optimizer instead"
+            )
     points = grid_points(parsed, trials, trial_seed)
     seed_list = _seed_list(seeds)
     over = dict(overrides or {})
@@ -156,7 +161,8 @@ def tune(
     if configs[0].val_size <= 0:
         raise ValueError(
             f"Invalid val_size {configs[0].val_size!r}: tuning needs a validation split "
-            "(e.g. --val-size 0.1); the test set is never used for selection")
+            "(e.g. --val-size 0.1); the test set is never used for selection"
+        )
     out = Path(out_dir)
     data = DataCache()
     bar = None
@@ -169,8 +175,9 @@ def tune(
         for i, (point, cfg) in enumerate(zip(points, configs)):
             per_seed: dict[str, list[float]] = {k: [] for k in TRIAL_METRICS}
             for s in seed_list:
-                summary = train_run(cfg.replace(seed=s), out / "trials" / f"{i:03d}" / f"seed{s}",
-                                    data)
+                summary = train_run(
+                    cfg.replace(seed=s), out / "trials" / f"{i:03d}" / f"seed{s}", data
+                )
                 # a diverged run's last row predates the divergence: it must not score
                 final = summary.get("final", {}) if summary.get("status") == "complete" else {}
                 for k in TRIAL_METRICS:  # only validation/training numbers leave this loop
@@ -180,11 +187,17 @@ def tune(
             ve = summarize(per_seed["val_error"])
             if ve["n"] < len(seed_list):  # a trial that diverged on any seed is disqualified
                 ve["mean"] = math.nan
-            records.append({"trial": i, **point, "val_error": ve["mean"],
-                            "val_error_se": ve["se"],
-                            "val_loss": summarize(per_seed["val_loss"])["mean"],
-                            "train_error": summarize(per_seed["train_error"])["mean"],
-                            "seeds": len(seed_list)})
+            records.append(
+                {
+                    "trial": i,
+                    **point,
+                    "val_error": ve["mean"],
+                    "val_error_se": ve["se"],
+                    "val_loss": summarize(per_seed["val_loss"])["mean"],
+                    "train_error": summarize(per_seed["train_error"])["mean"],
+                    "seeds": len(seed_list),
+                }
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -195,8 +208,13 @@ def tune(
     return result
 
 
-def _write(result: TuneResult, grid: dict[str, list[Any]], seeds: list[int],
-           base: dict[str, Any], n_trials: int) -> None:
+def _write(
+    result: TuneResult,
+    grid: dict[str, list[Any]],
+    seeds: list[int],
+    base: dict[str, Any],
+    n_trials: int,
+) -> None:
     from flatminima._table import format_table
     from flatminima.studies.report import write_csv, write_json
 
@@ -204,21 +222,43 @@ def _write(result: TuneResult, grid: dict[str, list[Any]], seeds: list[int],
     out.mkdir(parents=True, exist_ok=True)
     ranked = rank_trials(result.trials)
     write_csv(ranked, out / "trials.csv")
-    header = (f"# best of {n_trials} trials for {result.optimizer} by validation error "
-              f"{result.best['val_error']:.4f} (seeds {seeds}, budget {base['budget']} "
-              f"{base['epochs']} epochs)\n")
+    header = (
+        f"# best of {n_trials} trials for {result.optimizer} by validation error "
+        f"{result.best['val_error']:.4f} (seeds {seeds}, budget {base['budget']} "
+        f"{base['epochs']} epochs)\n"
+    )
     (out / "best.yaml").write_text(header + yaml.safe_dump(result.fragment, sort_keys=False))
-    write_json({"optimizer": result.optimizer, "grid": grid, "n_trials": n_trials,
-                "seeds": seeds, "best": result.best, "fragment": result.fragment,
-                "trials": ranked, "base_config": {k: v for k, v in base.items() if k not in grid}},
-               out / "tune.json")
+    write_json(
+        {
+            "optimizer": result.optimizer,
+            "grid": grid,
+            "n_trials": n_trials,
+            "seeds": seeds,
+            "best": result.best,
+            "fragment": result.fragment,
+            "trials": ranked,
+            "base_config": {k: v for k, v in base.items() if k not in grid},
+        },
+        out / "tune.json",
+    )
     cols = ["trial", *grid, "val_error", "val_error_se", "val_loss", "train_error"]
-    text = [f"# Tuning {result.optimizer}", "",
-            f"{n_trials} trials, {len(seeds)} seed(s) each, scored by final validation error "
-            f"(validation split {base['val_size']}; the test set is never used).", "",
-            "Best: `" + yaml.safe_dump(result.fragment[result.optimizer],
-                                       default_flow_style=True).strip() + "`", "",
-            format_table(ranked, cols, markdown=True), ""]
+    text = [
+        f"# Tuning {result.optimizer}",
+        "",
+        f"{n_trials} trials, {len(seeds)} seed(s) each, scored by final validation error "
+        f"(validation split {base['val_size']}; the test set is never used).",
+        "",
+        "Best: `"
+        + yaml.safe_dump(result.fragment[result.optimizer], default_flow_style=True).strip()
+        + "`",
+        "",
+        format_table(ranked, cols, markdown=True),
+        "",
+    ]
     (out / "tune.md").write_text("\n".join(text))
-    log.info("tune: best %s (val error %.4f) written to %s", result.fragment,
-             result.best["val_error"], out / "best.yaml")
+    log.info(
+        "tune: best %s (val error %.4f) written to %s",
+        result.fragment,
+        result.best["val_error"],
+        out / "best.yaml",
+    )
