@@ -71,31 +71,31 @@ def cfg_of(**kw: Any) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def _worker(jobs: list[tuple[TrainConfig, str, int, int | None]], timeout: float) -> list[Any]:
+def _worker(jobs: list[tuple[TrainConfig, str, int, Any]], timeout: float) -> list[Any]:
     """Run ``train_distributed`` for each job in one process group.
 
-    A job's last item ``k`` makes the last rank die at its ``k``-th step (``k > 0``), or stop
-    answering (sleep) at step ``-k`` (``k < 0``).
+    A job's last item ``(rank, step, kind)`` makes that rank exit (``kind="exit"``) or stop
+    answering (``"hang"``) at its ``step``-th optimizer step; ``None``: no fault.
     """
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     out = []
-    for cfg, folder, per_replica, fault_at in jobs:
-        if fault_at is not None and dist.get_rank() == dist.get_world_size() - 1:
-            _inject_fault(fault_at)
+    for cfg, folder, per_replica, fault in jobs:
+        if fault is not None and dist.get_rank() == fault[0] % dist.get_world_size():
+            _inject_fault(fault[1], fault[2])
         out.append(train_distributed(cfg, folder, procs_per_replica=per_replica, timeout=timeout))
     dist.destroy_process_group()
     return out
 
 
-def _inject_fault(fault_at: int) -> None:
+def _inject_fault(at_step: int, kind: str) -> None:
     step = DistributedReplicatedAlgorithm.step
     calls = [0]
 
     def faulty_step(self: Any, next_batch: Any) -> float:
         calls[0] += 1
-        if calls[0] == fault_at:
-            os._exit(17)  # no cleanup, like a crash or an OOM kill
-        if calls[0] == -fault_at:
+        if calls[0] == at_step:
+            if kind == "exit":
+                os._exit(17)  # no cleanup, like a crash or an OOM kill
             time.sleep(3600)  # alive but unresponsive, like a hung GPU
         return step(self, next_batch)
 
@@ -157,6 +157,7 @@ def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("two")
     jobs_cfg = {
         "rsgd": cfg_of(),
+        "rsgd_fp16": cfg_of(amp="fp16"),  # GradScaler path: average, unscale, couple, step
         "sgd": cfg_of(optimizer="sgd", model_kwargs={"hidden": [16]}, batch_size=8),
         "esgd": cfg_of(
             optimizer="esgd",
@@ -171,7 +172,7 @@ def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     singles = {}
     for name, cfg in jobs_cfg.items():
-        ref = cfg if name == "rsgd" else cfg.replace(batch_size=2 * cfg.batch_size)
+        ref = cfg if name.startswith("rsgd") else cfg.replace(batch_size=2 * cfg.batch_size)
         singles[name] = train(ref, root / f"single-{name}")
     jobs = [(cfg, str(root / f"dist-{name}"), 1, None) for name, cfg in jobs_cfg.items()]
     t0 = time.monotonic()
@@ -192,10 +193,15 @@ def test_rsgd_two_processes_equal_single_process(two_procs: dict[str, Any]) -> N
     root = two_procs["root"]
     assert_replicas_match(root / "single-rsgd", root / "dist-rsgd", 2, 1)
     assert_summaries_match(two_procs["single"]["rsgd"], two_procs["dist"]["rsgd"])
-    assert all(r == [None] * 4 for r in two_procs["others"])  # summaries on rank 0 only
-    # the coupling acted: the replicas moved towards each other compared with gamma = 0
-    final = two_procs["dist"]["rsgd"]["final"]
-    assert final["gamma"] == pytest.approx(0.3 * 10.0)
+    assert all(r == [None] * 5 for r in two_procs["others"])  # summaries on rank 0 only
+    # the coupling schedule ran to its end (gamma_0 = 0.3 grown 10x), on the same steps
+    assert two_procs["dist"]["rsgd"]["final"]["gamma"] == pytest.approx(0.3 * 10.0)
+
+
+def test_rsgd_fp16_two_processes_equal_single_process(two_procs: dict[str, Any]) -> None:
+    root = two_procs["root"]
+    assert_replicas_match(root / "single-rsgd_fp16", root / "dist-rsgd_fp16", 2, 1)
+    assert_summaries_match(two_procs["single"]["rsgd_fp16"], two_procs["dist"]["rsgd_fp16"])
 
 
 def test_rsgd_run_folder_written_once(two_procs: dict[str, Any]) -> None:
@@ -263,19 +269,27 @@ def test_one_replica_is_torch_sgd(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- faults
 
 
+@pytest.mark.parametrize("dead", [1, 0], ids=["rank1-dies", "rank0-dies"])
 def test_killed_process_stops_the_others_and_resume_reproduces(
-    two_procs: dict[str, Any], tmp_path: Path
+    two_procs: dict[str, Any], tmp_path: Path, dead: int
 ) -> None:
     cfg = cfg_of()
     folder = tmp_path / "run"
     timeout = 10.0
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        _launch(2, [(cfg, str(folder), 1, 30)], timeout=timeout, terminate_on_failure=False)
+        _launch(
+            2,
+            [(cfg, str(folder), 1, (dead, 30, "exit"))],
+            timeout=timeout,
+            terminate_on_failure=False,
+        )
     elapsed = time.monotonic() - t0
     err = info.value
-    assert err.exitcodes == [1, 17]  # rank 1 died; rank 0 stopped with an error, non-zero
-    assert "DistributedError" in err.errors[0] and "rerun the same command" in err.errors[0]
+    alive = 1 - dead
+    assert err.exitcodes[dead] == 17 and err.exitcodes[alive] == 1  # the survivor failed too
+    assert "DistributedError" in err.errors[alive]
+    assert "rerun the same command" in err.errors[alive]
     assert elapsed < timeout + 20
     # the epoch-1 checkpoint survived; no summary was written
     assert (folder / "checkpoint.pt").is_file() and not (folder / "summary.json").exists()
@@ -290,7 +304,7 @@ def test_hung_process_times_out_the_others(tmp_path: Path) -> None:
     timeout = 3.0
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        _launch(2, [(cfg_of(), str(tmp_path / "run"), 1, -30)], timeout=timeout)
+        _launch(2, [(cfg_of(), str(tmp_path / "run"), 1, (1, 30, "hang"))], timeout=timeout)
     elapsed = time.monotonic() - t0
     assert info.value.exitcodes[0] == 1  # rank 0 gave up; the launcher then stopped rank 1
     assert "DistributedError" in info.value.errors[0]

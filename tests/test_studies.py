@@ -436,3 +436,17 @@ def test_every_preset_parses_and_builds_configs():
     assert arm_config(paper, "esgd").inner_steps == 5
     assert arm_config(paper, "esgd").gamma_growth == 1e4
     assert arm_config(paper, "sam").rho == 0.05
+
+
+def test_vectorised_bootstrap_statistics_match_scipy_with_ties():
+    from scipy import stats
+
+    from flatminima.studies.correlation import kendall_tau_b_rows, spearman_rho_rows
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 5, size=(6, 12)).astype(float)  # many ties
+    y = x + rng.integers(0, 3, size=(6, 12))
+    taus, rhos = kendall_tau_b_rows(x, y, chunk_elems=200), spearman_rho_rows(x, y)
+    for b in range(6):
+        assert taus[b] == pytest.approx(stats.kendalltau(x[b], y[b])[0], abs=1e-12)
+        assert rhos[b] == pytest.approx(stats.spearmanr(x[b], y[b])[0], abs=1e-12)

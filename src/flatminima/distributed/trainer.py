@@ -152,6 +152,8 @@ class DistributedTrainer(Trainer):
                 {"config": self.cfg.numerics(), "distributed": ctx.layout(), "ranks": states},
                 self.run_dir / CHECKPOINT,
             )
+        # the others wait here (long timeout), not in the next step's collective (short timeout)
+        dist.barrier(group=ctx.control_group)
 
     def _read_checkpoint(self) -> list[dict[str, Any]] | None:
         assert self.run_dir is not None
@@ -354,9 +356,7 @@ def train_distributed(
         )
         ctx = init_distributed(1, world, device=cfg.device, timeout=timeout, backend=backend)
     try:
-        eff = cfg.replace(
-            batch_size=cfg.batch_size * ctx.procs_per_replica, device=str(ctx.device)
-        )
+        eff = cfg.replace(batch_size=cfg.batch_size * ctx.procs_per_replica, device=str(ctx.device))
         summary = DistributedTrainer(eff, out_dir, ctx, data=data, progress=progress).run()
     except BaseException:
         # The group is left to process exit: destroying it could block on a dead peer, and the

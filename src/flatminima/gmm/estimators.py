@@ -220,7 +220,7 @@ def erm_hinge(
     lam: float,
     fit_intercept: bool = False,
     tol: float = 1e-10,
-    max_iter: int = 50000,
+    max_iter: int = 3000,
 ) -> LinearClassifier:
     """Hinge-loss ERM (linear SVM) by L-BFGS-B on its box-constrained dual.
 

@@ -1,0 +1,120 @@
+"""The ``flatminima gmm`` subcommand: sweep alpha, write CSV + figures, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from flatminima.gmm.experiment import ESTIMATORS, StudyConfig, config_dict, run_study, summarize
+
+__all__ = ["register", "run", "build_config"]
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``gmm`` parser to the top-level CLI's subparsers."""
+    p = subparsers.add_parser(
+        "gmm",
+        help="Gaussian-mixture study: estimators vs the Bayes-optimal error, and flatness",
+        description=__doc__,
+    )
+    p.add_argument("--n-features", type=int, default=1000, help="N (default 1000)")
+    p.add_argument("--alphas", type=_floats, default=[0.5, 1, 2, 4, 8], help='e.g. "0.5,1,2,4,8"')
+    p.add_argument("--delta", type=float, default=1.0, help="noise variance Delta")
+    p.add_argument("--rho", type=float, default=0.5, help="fraction of +1 labels")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2, 3, 4], help='e.g. "0,1,2,3,4"')
+    p.add_argument("--estimators", type=lambda s: [t for t in s.split(",") if t],
+                   default=list(ESTIMATORS), help=f"subset of: {','.join(ESTIMATORS)}")  # fmt: skip
+    p.add_argument("--epochs", type=float, default=20.0, help="budget of the dynamics (passes)")
+    p.add_argument("--out", default="runs/gmm", help="output folder (resumable)")
+    p.add_argument("--quick", action="store_true", help="tiny preset for tests/CI (seconds)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> StudyConfig:
+    """The :class:`StudyConfig` of parsed arguments (``--quick`` overrides sizes)."""
+    cfg = StudyConfig(
+        n_features=args.n_features, alphas=tuple(args.alphas), delta=args.delta, rho=args.rho,
+        seeds=tuple(args.seeds), estimators=tuple(args.estimators), epochs=args.epochs,
+    )  # fmt: skip
+    if args.quick:
+        cfg.n_features, cfg.alphas, cfg.seeds, cfg.epochs = 100, (1.0, 4.0), (0,), 3.0
+    return cfg
+
+
+def _table(summary: list[dict[str, object]]) -> str:
+    lines = [f"{'estimator':<16}{'stop':<7}{'alpha':>6}{'eps_g %':>15}{'gap_BO pp':>14}"
+             f"{'gap_Heb pp':>14}{'train %':>9}{'sigma*':>8}"]  # fmt: skip
+    for s in summary:
+        f = {k: float(v) for k, v in s.items() if isinstance(v, int | float)}
+        lines.append(
+            f"{s['estimator']!s:<16}{s['stop']!s:<7}{f['alpha']:>6g}"
+            f"{100 * f['eps_g']:>8.2f}±{100 * f['eps_g_se']:<5.2f}"
+            f"{100 * f['gap_bo']:>8.2f}±{100 * f['gap_bo_se']:<5.2f}"
+            f"{100 * f['gap_heb']:>8.2f}±{100 * f['gap_heb_se']:<5.2f}"
+            f"{100 * f['train_error']:>9.1f}{f['sigma_star']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or resume) the study into ``args.out``; returns the exit code."""
+    try:
+        cfg = build_config(args)
+        cfg.validate()
+    except ValueError as e:
+        print(f"flatminima gmm: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config_dict(cfg), f, indent=2)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        def progress(it, total):  # type: ignore[no-untyped-def]
+            return tqdm(it, total=total, desc="gmm cells", unit="cell")
+
+    rows = run_study(cfg, os.path.join(args.out, "results.csv"), progress)
+    summary = summarize(rows)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    from flatminima.gmm.plots import plot_eps_vs_alpha, plot_flatness_vs_eps
+
+    plot_eps_vs_alpha(summary, cfg.delta, cfg.rho, os.path.join(args.out, "eps_vs_alpha.png"))
+    plot_flatness_vs_eps(rows, os.path.join(args.out, "flatness_vs_eps.png"))
+    print(_table(summary))
+    print(f"\nwrote {args.out}/results.csv, summary.json, eps_vs_alpha.png, flatness_vs_eps.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m flatminima.gmm.cli``)."""
+    parser = argparse.ArgumentParser(prog="flatminima")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
