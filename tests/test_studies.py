@@ -255,6 +255,23 @@ def test_compare_budgets_and_large_batch_configs():
         compare_configs(preset, ["sgd"], "epochs", large_batch=True)
 
 
+def test_compare_survives_a_diverging_optimizer(tmp_path):
+    preset = Preset.from_dict({"common": {**TINY, "epochs": 1}, "sam": {"lr": 1e12}})
+    res = compare(
+        tmp_path,
+        preset=preset,
+        optimizers=["sgd", "sam"],
+        seeds=1,
+        sigmas=[0.1],
+        flatness_draws=1,
+        flatness_samples=50,
+    )
+    rows = {r["optimizer"]: r for r in res.table}
+    assert rows["sam"]["diverged"] == 1 and rows["sgd"]["diverged"] == 0
+    assert math.isnan(rows["sam"]["test_error"]) and math.isfinite(rows["sgd"]["test_error"])
+    assert (tmp_path / "report.md").is_file()
+
+
 def test_bad_inputs_raise_value_error_naming_the_value(tmp_path):
     with pytest.raises(ValueError, match="adam"):
         compare(tmp_path, preset=tiny_preset(), optimizers=["sgd", "adam"], seeds=1)

@@ -37,7 +37,15 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
         lines += ["| " + " | ".join(r) + " |" for r in cells]
         return "\n".join(lines)
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    head = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    # numbers right-aligned, text left-aligned
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+               for c in columns]
+
+    def align(v: str, w: int, num: bool) -> str:
+        return v.rjust(w) if num else v.ljust(w)
+
+    head = "  ".join(align(c, w, n) for c, w, n in zip(columns, widths, numeric))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    body = ["  ".join(align(v, w, n) for v, w, n in zip(r, widths, numeric)).rstrip()
+            for r in cells]
     return "\n".join([head, sep, *body])

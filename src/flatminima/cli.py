@@ -20,7 +20,6 @@ SUBCOMMAND_MODULES = (
     "flatminima.flatness.cli",
     "flatminima.studies.cli",
     "flatminima.gmm.cli",
-    "flatminima.distributed.cli",
 )
 
 

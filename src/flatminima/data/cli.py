@@ -17,5 +17,17 @@ def run(args: argparse.Namespace) -> int:
     from flatminima.data import describe_datasets
 
     rows = describe_datasets(args.root)
-    print(format_table(rows))
+    table, missing = [], []
+    for r in rows:
+        about, _, how = str(r.get("notes", "")).partition(" Not found: ")
+        where = r["path"] or ("(generated)" if r["kind"] == "synthetic" else
+                              "(scikit-learn)" if r["name"] == "digits" else "not found")
+        table.append({"name": r["name"], "found": "yes" if r["found"] else "no",
+                      "where": where, "what": about})
+        if how:
+            missing.append(f"  {r['name']}: {how}")
+    print(format_table(table, ["name", "found", "where", "what"]))
+    if missing:
+        print("\nHow to obtain the missing ones:")
+        print("\n".join(missing))
     return 0

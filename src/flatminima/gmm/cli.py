@@ -19,7 +19,9 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _ints(text: str) -> list[int]:
@@ -41,8 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--delta", type=float, default=1.0, help="noise variance Delta")
     p.add_argument("--rho", type=float, default=0.5, help="fraction of +1 labels")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2, 3, 4], help='e.g. "0,1,2,3,4"')
-    p.add_argument("--estimators", type=lambda s: [t for t in s.split(",") if t],
-                   default=list(ESTIMATORS), help=f"subset of: {','.join(ESTIMATORS)}")  # fmt: skip
+    p.add_argument(
+        "--estimators",
+        type=lambda s: [t for t in s.split(",") if t],
+        default=list(ESTIMATORS),
+        help=f"subset of: {','.join(ESTIMATORS)}",
+    )
     p.add_argument("--epochs", type=float, default=20.0, help="budget of the dynamics (passes)")
     p.add_argument("--out", default="runs/gmm", help="output folder (resumable)")
     p.add_argument("--quick", action="store_true", help="tiny preset for tests/CI (seconds)")
@@ -53,17 +59,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def build_config(args: argparse.Namespace) -> StudyConfig:
     """The :class:`StudyConfig` of parsed arguments (``--quick`` overrides sizes)."""
     cfg = StudyConfig(
-        n_features=args.n_features, alphas=tuple(args.alphas), delta=args.delta, rho=args.rho,
-        seeds=tuple(args.seeds), estimators=tuple(args.estimators), epochs=args.epochs,
-    )  # fmt: skip
+        n_features=args.n_features,
+        alphas=tuple(args.alphas),
+        delta=args.delta,
+        rho=args.rho,
+        seeds=tuple(args.seeds),
+        estimators=tuple(args.estimators),
+        epochs=args.epochs,
+    )
     if args.quick:
         cfg.n_features, cfg.alphas, cfg.seeds, cfg.epochs = 100, (1.0, 4.0), (0,), 3.0
     return cfg
 
 
 def _table(summary: list[dict[str, object]]) -> str:
-    lines = [f"{'estimator':<16}{'stop':<7}{'alpha':>6}{'eps_g %':>15}{'gap_BO pp':>14}"
-             f"{'gap_Heb pp':>14}{'train %':>9}{'sigma*':>8}"]  # fmt: skip
+    lines = [
+        f"{'estimator':<16}{'stop':<7}{'alpha':>6}{'eps_g %':>15}{'gap_BO pp':>14}"
+        f"{'gap_Heb pp':>14}{'train %':>9}{'sigma*':>8}"
+    ]
     for s in summary:
         f = {k: float(v) for k, v in s.items() if isinstance(v, int | float)}
         lines.append(

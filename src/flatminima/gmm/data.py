@@ -23,7 +23,7 @@ SeedLike = int | np.random.Generator | None
 
 
 class GMMData(NamedTuple):
-    """One training set of the mixture: ``X`` [P, N], labels ``y`` [P] in {-1, +1}, centre ``v`` [N]."""
+    """One training set: ``X`` [P, N], labels ``y`` [P] in {-1, +1}, centre ``v`` [N]."""
 
     X: np.ndarray
     y: np.ndarray
@@ -34,7 +34,9 @@ def _rng(seed: SeedLike) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is not None and (not isinstance(seed, int | np.integer) or seed < 0):
-        raise ValueError(f"Invalid seed: {seed!r} (expected a non-negative int, a Generator or None)")
+        raise ValueError(
+            f"Invalid seed: {seed!r} (expected a non-negative int, a Generator or None)"
+        )
     return np.random.default_rng(seed)
 
 
@@ -43,7 +45,9 @@ def check_model_args(delta: float, rho: float) -> None:
     if not (isinstance(delta, int | float) and math.isfinite(delta) and delta > 0):
         raise ValueError(f"Invalid delta value: {delta!r} (the noise variance must be > 0)")
     if not (isinstance(rho, int | float) and 0.0 < rho < 1.0):
-        raise ValueError(f"Invalid rho value: {rho!r} (the fraction of +1 labels must be in (0, 1))")
+        raise ValueError(
+            f"Invalid rho value: {rho!r} (the fraction of +1 labels must be in (0, 1))"
+        )
 
 
 def sample_given_v(

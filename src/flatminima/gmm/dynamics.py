@@ -118,9 +118,7 @@ def _project_(u: Tensor) -> None:
     u.div_(u.norm(dim=-1, keepdim=True).clamp_min(1e-30))
 
 
-def train_linear(
-    X: np.ndarray, y: np.ndarray, cfg: DynamicsConfig, seed: int = 0
-) -> Trajectory:
+def train_linear(X: np.ndarray, y: np.ndarray, cfg: DynamicsConfig, seed: int = 0) -> Trajectory:
     """Train the linear classifier with ``cfg`` and return the estimator's checkpoints.
 
     The estimator is the single model (``sgd``), the replicas' centre (``rsgd``) or the outer
@@ -200,9 +198,8 @@ def train_linear(
         if sphere:
             temp = cfg.temp0 * (cfg.temp1 / cfg.temp0) ** ((t - 1) / max(1, total_steps - 1))
         if cfg.algorithm == "esgd":
-            lin = reps[0]
 
-            def closure() -> Tensor:
+            def closure(lin: nn.Module = reps[0], temp: float = temp) -> Tensor:
                 opt.zero_grad()
                 xb, yb = batch(0)
                 loss = _loss(lin(xb).squeeze(-1), yb, lin.weight, cfg.objective, temp)

@@ -76,7 +76,11 @@ def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_lam(lam: float, allow_zero: bool = True) -> float:
-    ok = isinstance(lam, int | float) and math.isfinite(lam) and (lam >= 0 if allow_zero else lam > 0)
+    ok = (
+        isinstance(lam, int | float)
+        and math.isfinite(lam)
+        and (lam >= 0 if allow_zero else lam > 0)
+    )
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"Invalid lam value: {lam!r} (the ridge strength must be {bound})")
@@ -190,7 +194,9 @@ def erm_logistic(
     if not ok:
         log.warning("logistic ERM (lam=%g) stopped with max|grad|=%.3g: %s", lam, gmax, res.message)
     w = res.x[:n].copy()
-    return LinearClassifier(w, float(res.x[n]) if fit_intercept else 0.0, ok, f"max|grad|={gmax:.2e}")
+    return LinearClassifier(
+        w, float(res.x[n]) if fit_intercept else 0.0, ok, f"max|grad|={gmax:.2e}"
+    )
 
 
 def is_separable(X: np.ndarray, y: np.ndarray, fit_intercept: bool = False) -> bool:
@@ -229,7 +235,8 @@ def erm_hinge(
     ``max_beta sum_mu beta_mu - 1/2 ||sum_mu beta_mu y_mu a_mu||^2`` on ``0 <= beta_mu <= 1/lam``,
     and ``w = sum_mu beta_mu y_mu a_mu``. ``lam = 0`` removes the upper bound: the hard-margin
     SVM, i.e. the max-margin direction, which exists only for separable data (the dual is then
-    bounded; it is declared unbounded once ``sum beta > 1e8``, i.e. margin < 1e-4). The gradient needs two mat-vecs, never the P x P Gram matrix.
+    bounded; it is declared unbounded once ``sum beta > 1e8``, i.e. margin < 1e-4). The
+    gradient needs two mat-vecs, never the P x P Gram matrix.
 
     Raises:
         ValueError: on bad shapes, labels, ``lam < 0``, or ``lam = 0`` on non-separable data.

@@ -62,10 +62,25 @@ DYNAMICS: dict[str, dict[str, object]] = {
 }
 ESTIMATORS = CLOSED + tuple(DYNAMICS)
 CSV_FIELDS = [
-    "n_features", "delta", "rho", "alpha", "seed", "estimator", "stop", "eps_g", "eps_bo",
-    "gap_bo", "gap_heb", "train_error", "local_energy", "sigma_star", "angle_heb", "m", "q",
+    "n_features",
+    "delta",
+    "rho",
+    "alpha",
+    "seed",
+    "estimator",
+    "stop",
+    "eps_g",
+    "eps_bo",
+    "gap_bo",
+    "gap_heb",
+    "train_error",
+    "local_energy",
+    "sigma_star",
+    "angle_heb",
+    "m",
+    "q",
     "stop_epoch",
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -155,14 +170,26 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
         m, q = overlaps(w, v)
         rows.append(
             dict(
-                n_features=cfg.n_features, delta=cfg.delta, rho=cfg.rho, alpha=alpha, seed=seed,
-                estimator=name, stop=stop, eps_g=eps, eps_bo=eps_bo, gap_bo=eps - eps_bo,
-                gap_heb=eps - eps_heb, train_error=tr,
+                n_features=cfg.n_features,
+                delta=cfg.delta,
+                rho=cfg.rho,
+                alpha=alpha,
+                seed=seed,
+                estimator=name,
+                stop=stop,
+                eps_g=eps,
+                eps_bo=eps_bo,
+                gap_bo=eps - eps_bo,
+                gap_heb=eps - eps_heb,
+                train_error=tr,
                 local_energy=local_energy(w, b, X, y, cfg.local_energy_sigma),
-                sigma_star=sigma_at_error(w, b, X, y, target), angle_heb=angle_deg(w, w_heb),
-                m=m, q=q, stop_epoch=ep,
+                sigma_star=sigma_at_error(w, b, X, y, target),
+                angle_heb=angle_deg(w, w_heb),
+                m=m,
+                q=q,
+                stop_epoch=ep,
             )
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -184,7 +211,13 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, object]]:
 
 
 def _cell_key(n: float, delta: float, rho: float, alpha: float, seed: float) -> tuple:
-    return (int(n), round(float(delta), 12), round(float(rho), 12), round(float(alpha), 12), int(seed))
+    return (
+        int(n),
+        round(float(delta), 12),
+        round(float(rho), 12),
+        round(float(alpha), 12),
+        int(seed),
+    )
 
 
 def run_study(
@@ -223,7 +256,9 @@ def run_study(
                 wr.writeheader()
                 new_file = False
             wr.writerows(rows)
-    keys = {_cell_key(cfg.n_features, cfg.delta, cfg.rho, a, s) for a in cfg.alphas for s in cfg.seeds}
+    keys = {
+        _cell_key(cfg.n_features, cfg.delta, cfg.rho, a, s) for a in cfg.alphas for s in cfg.seeds
+    }
     return [
         r
         for r in read_rows(csv_path)
@@ -239,8 +274,15 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
     out = []
     for (name, stop, alpha), rs in groups.items():
         s: dict[str, object] = dict(estimator=name, stop=stop, alpha=alpha, n=len(rs))
-        for k in ("eps_g", "gap_bo", "gap_heb", "train_error", "local_energy", "sigma_star",
-                  "angle_heb"):  # fmt: skip
+        for k in (
+            "eps_g",
+            "gap_bo",
+            "gap_heb",
+            "train_error",
+            "local_energy",
+            "sigma_star",
+            "angle_heb",
+        ):
             x = np.array([float(r[k]) for r in rs], dtype=float)  # type: ignore[arg-type]
             x = x[np.isfinite(x)]
             s[k] = float(x.mean()) if x.size else float("nan")
@@ -254,5 +296,9 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
 def config_dict(cfg: StudyConfig) -> dict[str, object]:
     """The resolved configuration (for saving beside the results)."""
     d = asdict(cfg)
-    d["alphas"], d["seeds"], d["estimators"] = list(cfg.alphas), list(cfg.seeds), list(cfg.estimators)
+    d["alphas"], d["seeds"], d["estimators"] = (
+        list(cfg.alphas),
+        list(cfg.seeds),
+        list(cfg.estimators),
+    )
     return d

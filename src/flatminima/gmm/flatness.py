@@ -102,7 +102,9 @@ def sigma_at_error(
         ValueError: if ``target`` is not in (0, 0.5).
     """
     if not 0 < target < 0.5:
-        raise ValueError(f"Invalid target value: {target!r} (expected a training error in (0, 0.5))")
+        raise ValueError(
+            f"Invalid target value: {target!r} (expected a training error in (0, 0.5))"
+        )
     if training_error(w, b, X, y) >= target:
         return float("nan")
     f = lambda s: perturbed_error(w, b, X, y, s) - target  # noqa: E731

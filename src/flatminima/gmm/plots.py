@@ -29,7 +29,9 @@ def plot_eps_vs_alpha(
     labels = sorted({_label(s) for s in summary}, key=lambda x: x)
     alphas = sorted({float(s["alpha"]) for s in summary})  # type: ignore[arg-type]
     grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)
-    axes[0].plot(grid, [bayes_optimal_error(a, delta, rho) for a in grid], "k-", lw=2, label="Bayes-optimal")
+    axes[0].plot(
+        grid, [bayes_optimal_error(a, delta, rho) for a in grid], "k-", lw=2, label="Bayes-optimal"
+    )
     axes[1].axhline(0.0, color="k", lw=2, label="Bayes-optimal")
     axes[1].axhspan(-0.005, 0.005, color="0.9")
     for i, lab in enumerate(labels):
@@ -39,8 +41,9 @@ def plot_eps_vs_alpha(
         for ax, key in ((axes[0], "eps_g"), (axes[1], "gap_bo")):
             m = [float(s[key]) for _, s in pts]  # type: ignore[arg-type]
             e = [float(s[key + "_se"]) for _, s in pts]  # type: ignore[arg-type]
-            ax.errorbar(a, m, yerr=e, fmt=style, marker="o", ms=3, label=lab, color=f"C{i % 10}",
-                        alpha=0.85)  # fmt: skip
+            ax.errorbar(
+                a, m, yerr=e, fmt=style, marker="o", ms=3, label=lab, color=f"C{i % 10}", alpha=0.85
+            )
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("alpha = P / N")
@@ -68,8 +71,14 @@ def plot_flatness_vs_eps(rows: Sequence[dict[str, object]], path: str | os.PathL
             rs = [r for r in rows if float(r["alpha"]) == a and _label(r) == lab]  # type: ignore[arg-type]
             eps = [float(r["eps_g"]) for r in rs]  # type: ignore[arg-type]
             for k, key in enumerate(("local_energy", "sigma_star")):
-                axes[k, j].scatter(eps, [float(r[key]) for r in rs], s=10, color=f"C{i % 10}",  # type: ignore[arg-type]
-                                   marker="o" if "final" not in lab else "x", label=lab)  # fmt: skip
+                axes[k, j].scatter(
+                    eps,
+                    [float(r[key]) for r in rs],
+                    s=10,
+                    color=f"C{i % 10}",  # type: ignore[arg-type]
+                    marker="o" if "final" not in lab else "x",
+                    label=lab,
+                )
         axes[0, j].set_title(f"alpha={a:g}")
         axes[1, j].set_xlabel("eps_g")
     axes[0, 0].set_ylabel("raw local energy dE(sigma)")

@@ -301,7 +301,7 @@ def correlation_study(
         ValueError: a bad grid or config value (before training starts).
         FileNotFoundError: the grid file does not exist.
     """
-    from flatminima.models import count_parameters
+    from flatminima.models import build_model, count_parameters
 
     spec = load_study_grid(grid)
     points = study_points(spec)
@@ -343,8 +343,6 @@ def correlation_study(
                     bar.update(1)
                 continue
             splits = data.get(cfg)
-            from flatminima.models import build_model
-
             n_params = count_parameters(
                 build_model(cfg.model, splits.input_shape, splits.num_classes, **cfg.model_kwargs)
             )
@@ -363,7 +361,6 @@ def correlation_study(
                 "test_error": final.get("test_error"),
                 "train_error": final.get("train_error"),
             }
-            rec["optimizer"] = cfg.optimizer
             rec["gen_gap"] = rec["test_error"] - rec["train_error"]
             le = meas["local_energy"]
             for s, de, dl in zip(le["sigmas"], le["delta_error"], le["delta_loss"]):

@@ -62,7 +62,6 @@ STUDY_KEYS = (
     "sigmas",
     "flatness_samples",
     "flatness_draws",
-    "hessian_samples",
     "large_batch",
 )
 
@@ -162,6 +161,7 @@ class Preset:
                     f"Preset arm {label!r}{where} must be a mapping of TrainConfig keys, "
                     f"got {mapping!r}"
                 )
+            mapping = dict(mapping)  # never modify the caller's mapping
             _check_keys(mapping, f"arm {label!r}{where}")
             opt = mapping.get("optimizer", label if label in OPTIMIZER_NAMES else None)
             if opt not in OPTIMIZER_NAMES:

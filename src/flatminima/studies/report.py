@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,13 +236,6 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
     (out / "report.md").write_text("\n".join(lines))
     log.info("wrote report %s", out / "report.md")
     return files
-
-
-def fmt_ci(low: float, high: float) -> str:
-    """``[low, high]`` with 3 decimals (``-`` for NaN)."""
-    if math.isnan(low) or math.isnan(high):
-        return "-"
-    return f"[{low:.3f}, {high:.3f}]"
 
 
 def measure_label(key: str) -> str:
