@@ -16,6 +16,7 @@ from flatminima.gmm.estimators import (
     hebbian,
     is_separable,
 )
+from flatminima.gmm.fastdyn import GridRun, run_grid
 from flatminima.gmm.flatness import (
     angle_deg,
     local_energy,
@@ -24,6 +25,7 @@ from flatminima.gmm.flatness import (
     sigma_at_error,
     training_error,
 )
+from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
 from flatminima.gmm.theory import (
     H,
     bayes_optimal_bias,
@@ -60,4 +62,8 @@ __all__ = [
     "local_energy_mc",
     "sigma_at_error",
     "angle_deg",
+    "GridRun",
+    "run_grid",
+    "FLATNESS_MEASURES",
+    "kendall_by_alpha",
 ]

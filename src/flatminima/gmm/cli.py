@@ -8,7 +8,14 @@ import logging
 import os
 import sys
 
-from flatminima.gmm.experiment import ESTIMATORS, StudyConfig, config_dict, run_study, summarize
+from flatminima.gmm.experiment import (
+    DEFAULT_ESTIMATORS,
+    ESTIMATORS,
+    StudyConfig,
+    config_dict,
+    run_study,
+    summarize,
+)
 
 __all__ = ["register", "run", "build_config"]
 
@@ -46,10 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--estimators",
         type=lambda s: [t for t in s.split(",") if t],
-        default=list(ESTIMATORS),
+        default=list(DEFAULT_ESTIMATORS),
         help=f"subset of: {','.join(ESTIMATORS)}",
     )
-    p.add_argument("--epochs", type=float, default=20.0, help="budget of the dynamics (passes)")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=40.0,
+        help="budget of every dynamical estimator in gradient evaluations / P (all replicas)",
+    )
     p.add_argument("--out", default="runs/gmm", help="output folder (resumable)")
     p.add_argument("--quick", action="store_true", help="tiny preset for tests/CI (seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -114,8 +126,17 @@ def run(args: argparse.Namespace) -> int:
     from flatminima.gmm.plots import plot_eps_vs_alpha, plot_flatness_vs_eps
 
     plot_eps_vs_alpha(summary, cfg.delta, cfg.rho, os.path.join(args.out, "eps_vs_alpha.png"))
-    plot_flatness_vs_eps(rows, os.path.join(args.out, "flatness_vs_eps.png"))
+    from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
+
+    taus = {m: kendall_by_alpha(rows, m) for m in FLATNESS_MEASURES}
+    with open(os.path.join(args.out, "kendall.json"), "w") as f:
+        json.dump(taus, f, indent=1)
+    plot_flatness_vs_eps(rows, os.path.join(args.out, "flatness_vs_eps.png"), taus)
     print(_table(summary))
+    for m, res in taus.items():
+        print(f"\nKendall tau({m} oriented flatter-larger, eps_g), 95% bootstrap CI over seeds:")
+        for d in res:
+            print(f"  alpha={d['alpha']:g}: {d['tau']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
     print(f"\nwrote {args.out}/results.csv, summary.json, eps_vs_alpha.png, flatness_vs_eps.png")
     return 0
 

@@ -25,13 +25,13 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from flatminima.gmm.data import check_model_args, sample
-from flatminima.gmm.dynamics import DynamicsConfig, train_linear
 from flatminima.gmm.estimators import erm_hinge, erm_logistic, erm_square, hebbian
+from flatminima.gmm.fastdyn import run_grid
 from flatminima.gmm.flatness import angle_deg, local_energy, sigma_at_error, training_error
 from flatminima.gmm.theory import bayes_optimal_error, classifier_error, overlaps
 
@@ -50,17 +50,37 @@ log = logging.getLogger(__name__)
 
 RIDGE = 1e-4
 CLOSED = ("hebbian", "square_ridge", "logistic_ridge", "hinge_ridge", "max_margin")
-DYNAMICS: dict[str, dict[str, object]] = {
-    "sgd_loss": dict(algorithm="sgd", objective="logistic"),
-    "avg_loss": dict(algorithm="rsgd", objective="logistic", gamma=0.0),
-    "rsgd_loss": dict(algorithm="rsgd", objective="logistic", gamma=1.0),
-    "esgd_loss": dict(algorithm="esgd", objective="logistic", gamma=1.0, noise=1e-2),
-    "sgd_err": dict(algorithm="sgd", objective="error"),
-    "avg_err": dict(algorithm="rsgd", objective="error", gamma=0.0),
-    "rsgd_err": dict(algorithm="rsgd", objective="error", gamma=1.0),
-    "esgd_err": dict(algorithm="esgd", objective="error", gamma=1.0, noise=1e-2),
+
+_LR6 = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_LR2 = (0.2, 1.0)
+_GAMMA = (0.03, 0.3, 3.0)
+_GAMMA0_SCOPED = (0.003, 0.03, 0.3)
+_TEMP1 = (0.02, 0.1)
+
+
+def _g(**axes: Sequence[float]) -> list[dict[str, float]]:
+    out: list[dict[str, float]] = [{}]
+    for key, vals in axes.items():
+        out = [dict(d, **{key: float(v)}) for d in out for v in vals]
+    return out
+
+
+# name -> (algorithm, objective, scoped, grid). Same number of trials per objective for every
+# algorithm (6 on the loss, 12 on the error-counting classifier); chosen on validation error.
+DYNAMICS: dict[str, tuple[str, str, bool, list[dict[str, float]]]] = {
+    "sgd_loss": ("sgd", "logistic", False, _g(lr=_LR6)),
+    "avg_loss": ("rsgd", "logistic", False, _g(lr=_LR6, gamma=(0.0,))),
+    "rsgd_loss": ("rsgd", "logistic", False, _g(gamma=_GAMMA, lr=_LR2)),
+    "rsgd_scoped_loss": ("rsgd", "logistic", True, _g(gamma=_GAMMA0_SCOPED, lr=_LR2)),
+    "esgd_loss": ("esgd", "logistic", False, _g(gamma=_GAMMA, lr=_LR2)),
+    "sgd_err": ("sgd", "error", False, _g(lr=_LR6, temp1=_TEMP1)),
+    "avg_err": ("rsgd", "error", False, _g(lr=_LR6, temp1=_TEMP1, gamma=(0.0,))),
+    "rsgd_err": ("rsgd", "error", False, _g(gamma=_GAMMA, lr=_LR2, temp1=_TEMP1)),
+    "rsgd_scoped_err": ("rsgd", "error", True, _g(gamma=_GAMMA0_SCOPED, lr=_LR2, temp1=_TEMP1)),
+    "esgd_err": ("esgd", "error", False, _g(gamma=_GAMMA, lr=_LR2, temp1=_TEMP1)),
 }
 ESTIMATORS = CLOSED + tuple(DYNAMICS)
+DEFAULT_ESTIMATORS = ("hebbian", "square_ridge", "logistic_ridge", "hinge_ridge") + tuple(DYNAMICS)
 CSV_FIELDS = [
     "n_features",
     "delta",
@@ -80,6 +100,8 @@ CSV_FIELDS = [
     "m",
     "q",
     "stop_epoch",
+    "grad_evals",
+    "hparams",
 ]
 
 
@@ -96,11 +118,11 @@ class StudyConfig:
     delta: float = 1.0
     rho: float = 0.5
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
-    estimators: Sequence[str] = ESTIMATORS
-    epochs: float = 20.0
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS
+    epochs: float = 40.0
+    num_replicas: int = 3
     val_fraction: float = 0.2
     local_energy_sigma: float = 0.5
-    dynamics_overrides: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -120,10 +142,36 @@ class StudyConfig:
             raise ValueError(f"Invalid epochs value: {self.epochs!r} (expected > 0)")
 
 
-def _dyn_config(cfg: StudyConfig, name: str) -> DynamicsConfig:
-    kw = dict(DYNAMICS[name])
-    kw.update(cfg.dynamics_overrides.get(name, {}))
-    return replace(DynamicsConfig(epochs=cfg.epochs), **kw)  # type: ignore[arg-type]
+def _fit_dynamics(
+    cfg: StudyConfig,
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    trn: np.ndarray,
+    val: np.ndarray,
+    seed: int,
+) -> list[tuple[str, np.ndarray, float, int, str]]:
+    """Tune on (trn, val), refit the chosen configurations on all of (X, y).
+
+    Returns ``(stop, w, epoch, grad_evals, hparams)`` for ``stop`` in ``val`` (configuration
+    and checkpoint jointly minimising the validation error, earliest on ties) and ``final``
+    (configuration minimising the validation error at the end of the budget).
+    """
+    alg, obj, scoped, grid = DYNAMICS[name]
+    kw = dict(epochs=cfg.epochs, num_replicas=cfg.num_replicas, scoped=scoped, seed=seed)
+    tune = run_grid(X[trn], y[trn], alg, obj, grid, **kw)  # type: ignore[arg-type]
+    h = np.einsum("ckn,vn->ckv", tune.w, X[val] * y[val, None])
+    val_err = (h <= 0).mean(-1)  # [C, K]
+    c_val, k_val = np.unravel_index(int(np.argmin(val_err)), val_err.shape)
+    k_fin = int(np.argmin(val_err[-1]))
+    chosen = sorted({int(k_val), k_fin})
+    full = run_grid(X, y, alg, obj, [grid[k] for k in chosen], **kw)  # type: ignore[arg-type]
+    out = []
+    for stop, k, c in (("val", int(k_val), int(c_val)), ("final", k_fin, -1)):
+        j = chosen.index(k)
+        hp = " ".join(f"{key}={val:g}" for key, val in grid[k].items())
+        out.append((stop, full.w[c, j], float(full.epochs[c]), full.grad_evals, hp))
+    return out
 
 
 def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object]]:
@@ -134,7 +182,9 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
     perm = np.random.default_rng([seed, 7]).permutation(p)
     n_val = max(1, round(cfg.val_fraction * p))
     val, trn = perm[:n_val], perm[n_val:]
-    fits: list[tuple[str, str, np.ndarray, float, float]] = []  # name, stop, w, b, epoch
+    fits: list[
+        tuple[str, str, np.ndarray, float, float, int, str]
+    ] = []  # name, stop, w, b, ep, evals, hp
     for name in cfg.estimators:
         if name == "hebbian":
             c = hebbian(X, y)
@@ -150,22 +200,19 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
             except ValueError:
                 continue  # not separable: the max-margin estimator does not exist
         else:
-            dcfg = _dyn_config(cfg, name)
-            sel = train_linear(X[trn], y[trn], dcfg, seed=seed)
-            val_err = [training_error(w, 0.0, X[val], y[val]) for w in sel.w]
-            k = int(np.argmin(val_err))
-            full = train_linear(X, y, dcfg, seed=seed)
-            fits.append((name, "final", full.w[-1], 0.0, float(full.epochs[-1])))
-            fits.append((name, "val", full.w[k], 0.0, float(full.epochs[k])))
+            for stop, w, ep, ge, hp in _fit_dynamics(cfg, name, X, y, trn, val, seed):
+                fits.append((name, stop, w, 0.0, ep, ge, hp))
             continue
-        fits.append((name, "closed", c.w, c.b, float("nan")))
+        fits.append(
+            (name, "closed", c.w, c.b, float("nan"), 0, f"lam={RIDGE:g}" if "ridge" in name else "")
+        )
     eps_bo = bayes_optimal_error(alpha, cfg.delta, cfg.rho)
     w_heb = hebbian(X, y).w
     eps_heb = classifier_error(w_heb, 0.0, v, cfg.delta, cfg.rho)
-    train_errs = [training_error(w, b, X, y) for _, _, w, b, _ in fits]
+    train_errs = [training_error(w, b, X, y) for _, _, w, b, *_ in fits]
     target = min(0.45, max(train_errs) + 0.05)
     rows = []
-    for (name, stop, w, b, ep), tr in zip(fits, train_errs):
+    for (name, stop, w, b, ep, ge, hp), tr in zip(fits, train_errs):
         eps = classifier_error(w, b, v, cfg.delta, cfg.rho)
         m, q = overlaps(w, v)
         rows.append(
@@ -188,6 +235,8 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
                 m=m,
                 q=q,
                 stop_epoch=ep,
+                grad_evals=ge,
+                hparams=hp,
             )
         )
     return rows
@@ -203,7 +252,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, object]]:
             row: dict[str, object] = {}
             for k, val in r.items():
                 try:
-                    row[k] = float(val) if k not in ("estimator", "stop") else val
+                    row[k] = float(val) if k not in ("estimator", "stop", "hparams") else val
                 except ValueError:
                     row[k] = val
             out.append(row)

@@ -1,4 +1,10 @@
-"""Figures of the Gaussian-mixture study (matplotlib, Agg backend)."""
+"""Figures of the Gaussian-mixture study (matplotlib, Agg backend).
+
+Readability: estimators are split into three panels (closed forms, dynamics on the logistic
+loss, dynamics on the error-counting classifier); within a panel the colour and marker name the
+algorithm and the line style the stopping rule (solid: validation-chosen, dashed: end of
+budget). Legends sit under each panel.
+"""
 
 from __future__ import annotations
 
@@ -11,79 +17,196 @@ from flatminima.gmm.theory import bayes_optimal_error
 
 __all__ = ["plot_eps_vs_alpha", "plot_flatness_vs_eps"]
 
+_ALG_STYLE = {  # algorithm prefix -> (colour, marker)
+    "hebbian": ("black", "o"),
+    "square_ridge": ("tab:brown", "s"),
+    "logistic_ridge": ("tab:purple", "D"),
+    "hinge_ridge": ("tab:pink", "^"),
+    "max_margin": ("tab:olive", "v"),
+    "sgd": ("tab:blue", "o"),
+    "avg": ("tab:orange", "s"),
+    "rsgd": ("tab:green", "^"),
+    "rsgd_scoped": ("tab:red", "v"),
+    "esgd": ("tab:purple", "D"),
+}
+_PANELS = (
+    ("closed form", ""),
+    ("dynamics, logistic loss", "_loss"),
+    ("dynamics, error-counting", "_err"),
+)
 
-def _label(s: dict[str, object]) -> str:
-    return f"{s['estimator']}" + ("" if s["stop"] == "closed" else f" ({s['stop']})")
+
+def _family(name: str) -> int:
+    return 1 if name.endswith("_loss") else 2 if name.endswith("_err") else 0
+
+
+_ERR_COLOUR = {
+    "sgd": "tab:cyan",
+    "avg": "goldenrod",
+    "rsgd": "lime",
+    "rsgd_scoped": "maroon",
+    "esgd": "magenta",
+}
+
+
+def _style(name: str) -> tuple[str, str]:
+    base = name.rsplit("_", 1)[0] if _family(name) else name
+    col, mk = _ALG_STYLE.get(base, ("grey", "x"))
+    if _family(name) == 2:  # error-counting: own palette, same marker per algorithm
+        col = _ERR_COLOUR.get(base, col)
+    return col, mk
 
 
 def plot_eps_vs_alpha(
     summary: Sequence[dict[str, object]], delta: float, rho: float, path: str | os.PathLike[str]
 ) -> None:
-    """eps_g (mean +- SE over seeds) against alpha for every estimator, beside eps_BO(alpha)."""
+    """``eps_g - eps_BO`` (mean +- SE over seeds) against alpha, one panel per family; the
+    Hebbian (closed panel) and the 0.5 pp band are drawn in every panel; a fourth panel shows
+    ``eps_g`` itself for the Hebbian beside ``eps_BO(alpha)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    labels = sorted({_label(s) for s in summary}, key=lambda x: x)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5.8), gridspec_kw=dict(width_ratios=[1, 1, 1, 0.8]))
     alphas = sorted({float(s["alpha"]) for s in summary})  # type: ignore[arg-type]
-    grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)
-    axes[0].plot(
-        grid, [bayes_optimal_error(a, delta, rho) for a in grid], "k-", lw=2, label="Bayes-optimal"
-    )
-    axes[1].axhline(0.0, color="k", lw=2, label="Bayes-optimal")
-    axes[1].axhspan(-0.005, 0.005, color="0.9")
-    for i, lab in enumerate(labels):
-        pts = sorted((float(s["alpha"]), s) for s in summary if _label(s) == lab)  # type: ignore[arg-type]
-        a = [x for x, _ in pts]
-        style = "--" if "(final)" in lab else "-"
-        for ax, key in ((axes[0], "eps_g"), (axes[1], "gap_bo")):
-            m = [float(s[key]) for _, s in pts]  # type: ignore[arg-type]
-            e = [float(s[key + "_se"]) for _, s in pts]  # type: ignore[arg-type]
+
+    def series(name: str, stop: str, key: str) -> tuple[list[float], list[float], list[float]]:
+        pts = sorted(
+            (float(s["alpha"]), float(s[key]), float(s[key + "_se"]))  # type: ignore[arg-type]
+            for s in summary
+            if s["estimator"] == name and s["stop"] == stop
+        )
+        return [p[0] for p in pts], [100 * p[1] for p in pts], [100 * p[2] for p in pts]
+
+    fits = sorted({(str(s["estimator"]), str(s["stop"])) for s in summary})
+    for j, (title, _) in enumerate(_PANELS):
+        ax = axes[j]
+        ax.axhspan(-0.5, 0.5, color="0.88", zorder=0, label="|gap| < 0.5 pp")
+        ax.axhline(0, color="k", lw=1)
+        for name, stop in fits:
+            if _family(name) != j and name != "hebbian":
+                continue
+            col, mk = _style(name)
+            a, m, e = series(name, stop, "gap_bo")
+            ls = "--" if stop == "final" else "-"
+            lw = 2.5 if name == "hebbian" else 1.5
+            lab = name if stop == "closed" else f"{name} ({stop})"
             ax.errorbar(
-                a, m, yerr=e, fmt=style, marker="o", ms=3, label=lab, color=f"C{i % 10}", alpha=0.85
+                a,
+                m,
+                yerr=e,
+                ls=ls,
+                marker=mk,
+                ms=5,
+                lw=lw,
+                color=col,
+                label=lab,
+                capsize=2,
+                mfc="white" if stop == "final" else col,
             )
-    for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+        ax.minorticks_off()
         ax.set_xlabel("alpha = P / N")
-    axes[0].set_ylabel("eps_g (exact)")
-    axes[1].set_ylabel("eps_g - eps_BO (band: 0.5 pp)")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Gaussian mixture, Delta={delta}, rho={rho}")
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    axes[0].set_ylabel("eps_g - eps_BO  (pp, mean ± SE over seeds)")
+    ax = axes[3]
+    grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)
+    ax.plot(
+        grid,
+        [100 * bayes_optimal_error(a, delta, rho) for a in grid],
+        "k-",
+        lw=2,
+        label="Bayes-optimal eps_BO",
+    )
+    a, m, e = series("hebbian", "closed", "eps_g")
+    ax.errorbar(a, m, yerr=e, fmt="o", color="tab:blue", label="Hebbian (simulation)")
+    ax.set_xscale("log")
+    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+    ax.minorticks_off()
+    ax.set_xlabel("alpha = P / N")
+    ax.set_ylabel("eps_g (%)")
+    ax.set_title("absolute error")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.suptitle(f"Gaussian mixture, Delta={delta:g}, rho={rho:g}: gap to the Bayes-optimal error")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_flatness_vs_eps(rows: Sequence[dict[str, object]], path: str | os.PathLike[str]) -> None:
-    """Per alpha: raw local energy and matched-error sigma* against eps_g, one point per fit."""
+def plot_flatness_vs_eps(
+    rows: Sequence[dict[str, object]],
+    path: str | os.PathLike[str],
+    taus: dict[str, Sequence[dict[str, float]]] | None = None,
+) -> None:
+    """Per alpha (columns): matched-error ``sigma*`` and raw local energy (rows) against
+    ``eps_g``, one point per fit (mean ± SE over seeds); Kendall tau in the titles if given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     alphas = sorted({float(r["alpha"]) for r in rows})  # type: ignore[arg-type]
-    labels = sorted({_label(r) for r in rows})
-    fig, axes = plt.subplots(2, len(alphas), figsize=(3.2 * len(alphas), 6.5), squeeze=False)
+    fits = sorted(
+        {(str(r["estimator"]), str(r["stop"])) for r in rows}, key=lambda f: (_family(f[0]), f)
+    )
+    measures = (
+        ("sigma_star", "sigma* at matched train error (flatter ↑)"),
+        ("local_energy", "raw local energy dE(0.5) (flatter ↓)"),
+    )
+    fig, axes = plt.subplots(2, len(alphas), figsize=(3.6 * len(alphas) + 3, 7), squeeze=False)
     for j, a in enumerate(alphas):
-        for i, lab in enumerate(labels):
-            rs = [r for r in rows if float(r["alpha"]) == a and _label(r) == lab]  # type: ignore[arg-type]
-            eps = [float(r["eps_g"]) for r in rs]  # type: ignore[arg-type]
-            for k, key in enumerate(("local_energy", "sigma_star")):
-                axes[k, j].scatter(
-                    eps,
-                    [float(r[key]) for r in rs],
-                    s=10,
-                    color=f"C{i % 10}",  # type: ignore[arg-type]
-                    marker="o" if "final" not in lab else "x",
+        for name, stop in fits:
+            rs = [
+                r
+                for r in rows
+                if float(r["alpha"]) == a
+                and r["estimator"] == name  # type: ignore[arg-type]
+                and r["stop"] == stop
+            ]
+            if not rs:
+                continue
+            col, mk = _style(name)
+            eps = 100 * np.array([float(r["eps_g"]) for r in rs])  # type: ignore[arg-type]
+            for i, (key, _) in enumerate(measures):
+                f = np.array([float(r[key]) for r in rs])  # type: ignore[arg-type]
+                f = f[np.isfinite(f)]
+                se = lambda x: x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else 0.0  # noqa: E731
+                lab = name if stop == "closed" else f"{name} ({stop})"
+                axes[i, j].errorbar(
+                    eps.mean(),
+                    f.mean() if f.size else np.nan,
+                    xerr=se(eps),
+                    yerr=se(f) if f.size else 0,
+                    marker=mk,
+                    color=col,
+                    ms=7,
+                    ls="none",
+                    mfc="white" if stop == "final" else col,
                     label=lab,
                 )
-        axes[0, j].set_title(f"alpha={a:g}")
-        axes[1, j].set_xlabel("eps_g")
-    axes[0, 0].set_ylabel("raw local energy dE(sigma)")
-    axes[1, 0].set_ylabel("sigma* at matched train error (flatter ->)")
-    axes[0, -1].legend(fontsize=6)
+        for i, (key, ylab) in enumerate(measures):
+            t = ""
+            if taus and key in taus:
+                for d in taus[key]:
+                    if d["alpha"] == a:
+                        t = f"\ntau={d['tau']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}]"
+            axes[i, j].set_title(f"alpha={a:g}{t}", fontsize=9)
+            if j == 0:
+                axes[i, j].set_ylabel(ylab, fontsize=9)
+        axes[1, j].set_xlabel("eps_g (%)")
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        title="estimator (stop); hollow = end of budget",
+    )
+    fig.suptitle("Flatness vs generalisation (points: mean ± SE over seeds; tau: Kendall, 95% CI)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
