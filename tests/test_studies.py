@@ -467,3 +467,23 @@ def test_vectorised_bootstrap_statistics_match_scipy_with_ties():
     for b in range(6):
         assert taus[b] == pytest.approx(stats.kendalltau(x[b], y[b])[0], abs=1e-12)
         assert rhos[b] == pytest.approx(stats.spearmanr(x[b], y[b])[0], abs=1e-12)
+
+
+def test_compare_parallel_jobs_and_both_budgets_share_sgd_runs(tmp_path):
+    """--jobs 2 trains in worker processes and gives the numbers of a serial run; under
+    ``both`` budgets SGD (one pass per minibatch) is trained once and reported twice, while
+    rSGD gets y times the gradient evaluations at equal epochs per replica."""
+    kw = dict(preset=tiny_preset(), optimizers=["sgd", "rsgd"], seeds=1, sigmas=[0.5],
+              flatness_draws=1, flatness_samples=50)
+    par = compare(tmp_path / "par", budget="both", jobs=2, **kw)
+    assert not (tmp_path / "par/runs/epochs/sgd").exists()
+    assert (tmp_path / "par/runs/epochs/rsgd/seed0/summary.json").is_file()
+    ser = compare(tmp_path / "ser", budget="grad-evals", **kw)
+    err = {(r["budget"], r["arm"]): r["test_error"] for r in par.runs}
+    for r in ser.runs:
+        assert err[("grad-evals", r["arm"])] == r["test_error"]
+    evals = {(r["budget"], r["arm"]): r["grad_evals"] for r in par.runs}
+    assert evals[("epochs", "sgd")] == evals[("grad-evals", "sgd")]
+    assert evals[("epochs", "rsgd")] > 1.9 * evals[("grad-evals", "rsgd")]
+    with pytest.raises(ValueError, match="jobs"):
+        compare(tmp_path / "bad", jobs=0, **kw)

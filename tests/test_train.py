@@ -277,3 +277,12 @@ def test_cli_flatness_measures_a_finished_run(tmp_path, capsys):
     assert (out / "local_energy.png").stat().st_size > 1000
     assert json.loads((out / "hessian.json").read_text())["top_eigenvalue"] > 0
     assert "delta_error" in capsys.readouterr().out
+
+
+def test_eval_points_are_evenly_spaced_and_cover_the_budget(tmp_path):
+    cfg = small_cfg(optimizer="rsgd", num_replicas=2, epochs=2, eval_points=4)
+    train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    steps = [int(r["step"]) for r in rows]
+    assert len(rows) == 4 and steps[-1] == 20  # 640 // 32 batches x 2 epochs / 2 replicas
+    assert [b - a for a, b in zip([0] + steps, steps)] == [5, 5, 5, 5]

@@ -93,6 +93,8 @@ def register(subparsers: Any) -> None:
         help="comma-separated optimizers or preset arms (default sgd,esgd,rsgd,sam)",
     )
     p.add_argument("--seeds", type=int, help="number of paired seeds (default 3)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training processes at once, each with cores/jobs threads (default 1)")
     p.add_argument(
         "--budget",
         choices=["grad-evals", "equal-grad-evals", "epochs", "equal-epochs", "both"],
@@ -180,6 +182,7 @@ def run_compare(args: argparse.Namespace) -> int:
         flatness_samples=args.flatness_samples,
         large_batch=args.large_batch,
         progress=args.progress,
+        jobs=args.jobs,
     )
     print(format_table(result.table, compare_table_columns(result)))
     if result.paired:

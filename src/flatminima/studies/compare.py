@@ -39,7 +39,7 @@ from flatminima.studies._runs import (
     train_run,
 )
 from flatminima.studies.presets import Preset, arm_config, arm_optimizer
-from flatminima.train import TrainConfig
+from flatminima.train import TrainConfig, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,60 @@ def _curve(runs: list[dict[str, Any]], key: str = "test_error") -> dict[str, lis
     return {"grad_evals": ge, "mean": mean, "se": se}
 
 
+def _same_under_both_budgets(configs: dict[str, dict[str, TrainConfig]], arm: str) -> bool:
+    """Whether ``arm`` trains the identical run under both budgets (SGD, eSGD: one backward
+    pass per minibatch, so equal epochs of data are equal gradient evaluations)."""
+    a, b = configs["grad-evals"].get(arm), configs["epochs"].get(arm)
+    if a is None or b is None or a.optimizer not in ("sgd", "esgd"):
+        return False
+    return a.replace(budget="epochs") == b
+
+
+def _train_worker(item: tuple[str, dict[str, Any]], threads: int) -> str:
+    import torch
+
+    torch.set_num_threads(threads)
+    run_dir, values = item
+    cfg = TrainConfig.from_dict(values)
+    train_run(cfg, Path(run_dir), DataCache())
+    return run_dir
+
+
+def train_parallel(items: list[tuple[str, TrainConfig]], jobs: int, *,
+                   progress: bool = False) -> None:
+    """Train (or resume/skip) run folders in ``jobs`` worker processes (spawned: safe with
+    threads); each worker uses ``cores // jobs`` torch threads."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    todo = [(d, c) for d, c in items if not _finished(c, Path(d))]
+    if not todo:
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="run", desc=f"training ({jobs} jobs)")
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_worker, (d, c.to_dict()), threads) for d, c in todo]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _finished(cfg: TrainConfig, run_dir: Path) -> bool:
+    summary = read_summary(run_dir)
+    return bool(summary and summary.get("config") == cfg.numerics()
+                and summary.get("status") in ("complete", "diverged"))
+
+
 def compare(
     out_dir: str | Path,
     *,
@@ -232,6 +286,7 @@ def compare(
     large_batch: bool | None = None,
     progress: bool = False,
     write: bool = True,
+    jobs: int = 1,
 ) -> CompareResult:
     """Train every (budget, arm, seed), measure local energy, and write the report folder.
 
@@ -254,6 +309,8 @@ def compare(
         large_batch: add the ``sgd-large-batch`` control (see :func:`compare_configs`).
         progress: show a tqdm bar over runs.
         write: write report.md, results.json, CSVs and PNGs into ``out_dir``.
+        jobs: training processes run at once (each with ``torch`` threads = cores // jobs);
+            measurements and the report are made afterwards in this process.
 
     Returns:
         A :class:`CompareResult`.
@@ -280,27 +337,41 @@ def compare(
         arm_optimizer(preset, arm)  # unknown names fail here, naming the value
     configs = {b: compare_configs(preset, arms, b, over, lb) for b in budgets}
     out = Path(out_dir)
-    jobs = [(b, arm, s) for b in budgets for arm in configs[b] for s in seed_list]
+    jobs_all = [(b, arm, s) for b in budgets for arm in configs[b] for s in seed_list]
     log.info(
         "compare: %d runs (%d budgets x %d arms x %d seeds) into %s",
-        len(jobs),
+        len(jobs_all),
         len(budgets),
         len(configs[budgets[0]]),
         len(seed_list),
         out,
     )
 
+    def run_of(b: str, arm: str, s: int) -> tuple[TrainConfig, Path]:
+        # SGD-like arms (one pass per minibatch) give the same run under both budgets: train once
+        if b == "epochs" and "grad-evals" in configs and _same_under_both_budgets(configs, arm):
+            b = "grad-evals"
+        return configs[b][arm].replace(seed=s), out / "runs" / b / arm / f"seed{s}"
+
+    if jobs < 1:
+        raise ValueError(f"Invalid jobs value: {jobs} (must be >= 1)")
+    if jobs > 1:
+        pending = {}
+        for b, arm, s in jobs_all:
+            cfg, run_dir = run_of(b, arm, s)
+            pending[str(run_dir)] = cfg
+        train_parallel(list(pending.items()), jobs, progress=progress)
+
     data = DataCache()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), unit="run", desc="compare")
+        bar = tqdm(total=len(jobs_all), unit="run", desc="compare")
     runs: list[dict[str, Any]] = []
     try:
-        for b, arm, s in jobs:
-            cfg = configs[b][arm].replace(seed=s)
-            run_dir = out / "runs" / b / arm / f"seed{s}"
+        for b, arm, s in jobs_all:
+            cfg, run_dir = run_of(b, arm, s)
             if bar is not None:
                 bar.set_postfix_str(f"{arm} seed {s} ({b})")
             summary = train_run(cfg, run_dir, data)

@@ -86,6 +86,7 @@ class TrainConfig:
     flatness_draws: int = 5
     flatness_samples: int = 2000
     # evaluation
+    eval_points: int = 0  # evaluations (metrics rows, checkpoints) over the run; 0: every epoch
     train_eval_samples: int = 10000  # training error measured on this many samples (0: all)
     eval_batch_size: int = 256
     # run
@@ -163,7 +164,7 @@ class TrainConfig:
                      "flatness_draws"):
             positive(name)
         for name in ("momentum", "weight_decay", "noise", "rho", "warmup_epochs",
-                     "train_eval_samples", "flatness_samples", "val_size"):
+                     "train_eval_samples", "flatness_samples", "val_size", "eval_points"):
             positive(name, allow_zero=True)
         if not 0 <= self.mu_decay < 1:
             raise ValueError(f"Invalid mu_decay value: {self.mu_decay!r} (must be in [0, 1))")

@@ -56,11 +56,11 @@ class ResumeMismatchError(ValueError):
 
 @dataclass
 class Plan:
-    """How a budget maps onto optimizer steps."""
+    """How a budget maps onto optimizer steps and evaluation points."""
 
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps per epoch of data (per stream)
     total_steps: int
-    num_epochs: int  # loader epochs, the last one possibly partial
+    num_epochs: int  # evaluation points ("epochs" of the metrics), evenly spaced in steps
     train_size: int
     grad_evals_per_step: int  # samples through backward per optimizer step
 
@@ -68,9 +68,20 @@ class Plan:
     def total_grad_evals(self) -> int:
         return self.total_steps * self.grad_evals_per_step
 
+    def epoch_end(self, epoch: int) -> int:
+        """The optimizer step at which evaluation point ``epoch`` (1-based) falls."""
+        return round(epoch * self.total_steps / self.num_epochs)
+
 
 def make_plan(cfg: TrainConfig, algo: Algorithm, train_size: int) -> Plan:
-    """Translate ``cfg.epochs`` under ``cfg.budget`` into a number of optimizer steps."""
+    """Translate ``cfg.epochs`` under ``cfg.budget`` into a number of optimizer steps.
+
+    An epoch of data is ``train_size // batch_size`` full batches (the loader drops the last
+    incomplete one). ``grad-evals``: the run may spend ``epochs`` epochs of gradient evaluations,
+    whatever one step costs (SAM 2 passes, rSGD y, eSGD L). ``epochs``: every stream sees
+    ``epochs`` epochs of data (eSGD: ``epochs`` epochs of inner minibatches, so for SGD and eSGD
+    both budgets give the same run).
+    """
     batches = train_size // cfg.batch_size
     if batches < algo.batches_per_step:
         raise ValueError(
@@ -78,14 +89,19 @@ def make_plan(cfg: TrainConfig, algo: Algorithm, train_size: int) -> Plan:
             f"fewer than the {algo.batches_per_step} one {algo.name} step needs; "
             "lower batch_size or inner_steps"
         )
-    steps_per_epoch = batches // algo.batches_per_step
-    per_step = algo.passes_per_step * cfg.batch_size
+    steps_per_epoch = batches / algo.batches_per_step
     if cfg.budget == "grad-evals":
-        total = round(cfg.epochs * train_size / per_step)
+        total = round(cfg.epochs * batches / algo.passes_per_step)
     else:
         total = round(cfg.epochs * steps_per_epoch)
     total = max(total, 1)
-    return Plan(steps_per_epoch, total, math.ceil(total / steps_per_epoch), train_size, per_step)
+    if cfg.eval_points:
+        points = cfg.eval_points
+    else:  # one evaluation per epoch of data
+        points = round(total / steps_per_epoch)
+    points = max(1, min(points, total))
+    per_step = algo.passes_per_step * cfg.batch_size
+    return Plan(max(1, math.floor(steps_per_epoch)), total, points, train_size, per_step)
 
 
 def lr_factor(cfg: TrainConfig, plan: Plan) -> Callable[[int], float]:
@@ -352,7 +368,7 @@ class Trainer:
         if self._streams is None:
             self._streams = [_endless(ld) for ld in self.loaders]
         streams = self._streams
-        steps = min(self.plan.steps_per_epoch, self.plan.total_steps - self.step)
+        steps = self.plan.epoch_end(self.epoch + 1) - self.step
 
         def next_batch(stream: int) -> tuple[torch.Tensor, torch.Tensor]:
             return next(streams[stream])
@@ -384,7 +400,7 @@ class Trainer:
             / self.plan.train_size,
             "lr": self.algo.optimizer.param_groups[0]["lr"],
             "gamma": self.algo.current_gamma(),
-            "train_loss": float(loss_sum) / steps,
+            "train_loss": float(loss_sum) / max(steps, 1),
         }
         row.update(self.evaluate())
         row["train_time_s"] = self.train_time
