@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatminima.data import DataSplits, load_dataset
+from flatminima.data import DataSplits
 from flatminima.train import DivergenceError, TrainConfig, Trainer, read_summary, train
+from flatminima.train.loop import load_data
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,13 @@ class DataCache:
 
     @staticmethod
     def key(cfg: TrainConfig) -> tuple:
-        return (cfg.data, cfg.data_root, cfg.val_size, cfg.train_subset, cfg.label_noise, cfg.seed)
+        return (cfg.data, cfg.data_root, repr(sorted(cfg.data_kwargs.items())), cfg.val_size,
+                cfg.train_subset, cfg.label_noise, cfg.seed)
 
     def get(self, cfg: TrainConfig) -> DataSplits:
         key = self.key(cfg)
         if key not in self._cache:
-            self._cache[key] = load_dataset(
-                cfg.data,
-                cfg.data_root,
-                val_size=cfg.val_size,
-                train_subset=cfg.train_subset,
-                label_noise=cfg.label_noise,
-                seed=cfg.seed,
-            )
+            self._cache[key] = load_data(cfg, torch.device("cpu"))
         return self._cache[key]
 
 

@@ -166,6 +166,9 @@ class TrainConfig:
         for name in ("momentum", "weight_decay", "noise", "rho", "warmup_epochs",
                      "train_eval_samples", "flatness_samples", "val_size", "eval_points"):
             positive(name, allow_zero=True)
+        if self.val_size >= 1 and int(self.val_size) != self.val_size:
+            raise ValueError(f"Invalid val_size value: {self.val_size!r} (a fraction in [0, 1) "
+                             "or a whole number of samples)")
         if not 0 <= self.mu_decay < 1:
             raise ValueError(f"Invalid mu_decay value: {self.mu_decay!r} (must be in [0, 1))")
         if not 0 <= self.label_noise < 1:

@@ -131,7 +131,9 @@ def _model_factory(cfg: TrainConfig, data: DataSplits) -> Callable[[], nn.Module
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> DataSplits:
-    return load_dataset(cfg.data, cfg.data_root, val_size=cfg.val_size,
+    # val_size below 1 is a fraction of the training set, from 1 up a number of samples
+    val_size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
+    return load_dataset(cfg.data, cfg.data_root, val_size=val_size,
                         train_subset=cfg.train_subset, label_noise=cfg.label_noise,
                         seed=cfg.seed, device=device, **cfg.data_kwargs)
 
