@@ -286,3 +286,27 @@ def test_eval_points_are_evenly_spaced_and_cover_the_budget(tmp_path):
     steps = [int(r["step"]) for r in rows]
     assert len(rows) == 4 and steps[-1] == 20  # 640 // 32 batches x 2 epochs / 2 replicas
     assert [b - a for a, b in zip([0] + steps, steps)] == [5, 5, 5, 5]
+
+
+def test_checkpoint_loads_whatever_device_map_location_put_rng_states_on(tmp_path, monkeypatch):
+    """torch.load(map_location="cuda") moves the saved CPU RNG states to the GPU; loading must
+    bring them back (a bug found on a GPU). Simulated here with a wrapper tensor whose .cpu()
+    is the only way back to the real state."""
+    cfg = small_cfg(optimizer="esgd", inner_steps=2, epochs=2)
+    Trainer(cfg, tmp_path / "run").run(max_epochs=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+
+    class Moved:  # stands for a CUDA tensor: usable only after .cpu()
+        def __init__(self, t):
+            self.t = t
+
+        def cpu(self):
+            return self.t
+
+    state["torch_rng"] = Moved(state["torch_rng"])
+    gens = state["algorithm"]["optimizer"]["entropy_sgd"]["generators"]
+    for k in gens:
+        gens[k] = Moved(gens[k])
+    trainer = Trainer(cfg, None)
+    trainer.load_state_dict(state)
+    assert trainer.step == state["step"]

@@ -393,5 +393,5 @@ class EntropySGD(Optimizer):
         self._generators = {}
         for dev, gstate in extra["generators"].items():
             gen = torch.Generator(device=torch.device(dev))
-            gen.set_state(gstate)
+            gen.set_state(gstate.cpu())  # map_location may have moved the state tensor
             self._generators[torch.device(dev)] = gen

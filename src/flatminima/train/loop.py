@@ -245,9 +245,10 @@ class Trainer:
         for ld, s in zip(self.loaders, state["loaders"]):
             ld.load_state_dict(s)
         self._streams = None
-        torch.set_rng_state(state["torch_rng"])
+        # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them
+        torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.history = list(state["history"])
