@@ -16,22 +16,34 @@ import pytest
 import torch
 
 from flatminima.data import load_dataset
-from flatminima.train import DivergenceError, TrainConfig, Trainer, load_run, make_plan, train
+from flatminima.train import DivergenceError, TrainConfig, Trainer, load_run, train
 from flatminima.train.loop import lr_factor
 
 TIME_COLUMNS = {"train_time_s", "eval_time_s"}
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(data="gmm", data_kwargs={"num_train": 640, "num_test": 500}, model="mlp", model_kwargs={"hidden": [16]}, epochs=2, batch_size=32,
-                lr=0.05, progress=False, train_eval_samples=200, lr_schedule="cosine")
+    base = dict(
+        data="gmm",
+        data_kwargs={"num_train": 640, "num_test": 500},
+        model="mlp",
+        model_kwargs={"hidden": [16]},
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        progress=False,
+        train_eval_samples=200,
+        lr_schedule="cosine",
+    )
     base.update(kw)
     return TrainConfig.from_dict(base)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
     with (path / "metrics.csv").open() as fh:
-        return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in csv.DictReader(fh)]
+        return [
+            {k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in csv.DictReader(fh)
+        ]
 
 
 # ---------------------------------------------------------------------------- config
@@ -39,10 +51,16 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize(
     "changes, word",
-    [({"optimizer": "adam"}, "optimizer"), ({"lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size"),
-     ({"mu_decay": 1.0}, "mu_decay"), ({"budget": "flops"}, "budget"),
-     ({"nesterov": True, "momentum": 0.0}, "nesterov"), ({"lr_milestones": [1.5]}, "lr_milestones"),
-     ({"bogus_key": 1}, "bogus_key")],
+    [
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"lr": -1.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"mu_decay": 1.0}, "mu_decay"),
+        ({"budget": "flops"}, "budget"),
+        ({"nesterov": True, "momentum": 0.0}, "nesterov"),
+        ({"lr_milestones": [1.5]}, "lr_milestones"),
+        ({"bogus_key": 1}, "bogus_key"),
+    ],
 )
 def test_config_rejects_bad_values(changes, word):
     with pytest.raises(ValueError, match=word):
@@ -52,7 +70,8 @@ def test_config_rejects_bad_values(changes, word):
 def test_config_yaml_round_trip(tmp_path):
     cfg = small_cfg(optimizer="rsgd", num_replicas=2)
     (tmp_path / "c.yaml").write_text(
-        "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items()))
+        "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items())
+    )
     again = TrainConfig.from_yaml(tmp_path / "c.yaml", {"seed": 3})
     assert again.replace(seed=0) == cfg and again.seed == 3
 
@@ -60,9 +79,10 @@ def test_config_yaml_round_trip(tmp_path):
 # ---------------------------------------------------------------------------- budgets
 
 
-@pytest.mark.parametrize("optimizer, extra", [("sgd", {}), ("sam", {}),
-                                              ("rsgd", {"num_replicas": 3}),
-                                              ("esgd", {"inner_steps": 4})])
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [("sgd", {}), ("sam", {}), ("rsgd", {"num_replicas": 3}), ("esgd", {"inner_steps": 4})],
+)
 def test_equal_grad_eval_budget(optimizer, extra):
     """Under the default budget every algorithm spends the same gradient evaluations."""
     data = load_dataset("gmm", num_train=960, num_test=100)
@@ -85,8 +105,9 @@ def test_equal_epochs_budget_is_per_replica():
 
 def test_lr_schedules():
     data = load_dataset("gmm", num_train=320, num_test=100)
-    cfg = small_cfg(epochs=10, lr_schedule="step", lr_milestones=[0.5], lr_decay=0.1,
-                    warmup_epochs=1)
+    cfg = small_cfg(
+        epochs=10, lr_schedule="step", lr_milestones=[0.5], lr_decay=0.1, warmup_epochs=1
+    )
     trainer = Trainer(cfg, data=data)
     f = lr_factor(cfg, trainer.plan)
     spe = trainer.plan.steps_per_epoch
@@ -128,8 +149,10 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "esgd", "rsgd", "sam"])
 def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
-    extra = {"esgd": {"inner_steps": 2, "gamma": 0.03, "gamma_growth": 10.0, "noise": 1e-3},
-             "rsgd": {"num_replicas": 2, "gamma": 0.01, "gamma_growth": 10.0}}.get(optimizer, {})
+    extra = {
+        "esgd": {"inner_steps": 2, "gamma": 0.03, "gamma_growth": 10.0, "noise": 1e-3},
+        "rsgd": {"num_replicas": 2, "gamma": 0.01, "gamma_growth": 10.0},
+    }.get(optimizer, {})
     cfg = small_cfg(optimizer=optimizer, epochs=3, **extra)
     full = train(cfg, tmp_path / "full")
     assert Trainer(cfg, tmp_path / "part").run(max_epochs=1)["status"] == "incomplete"
@@ -139,21 +162,50 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
 
 
 def _train_cmd(out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "flatminima", "train", "--data", "gmm", "--model", "mlp",
-            "--data-kwargs", "num_train=1280,num_test=500,dim=50",
-            "--optimizer", "esgd", "--inner-steps", "2", "--noise", "1e-3", "--gamma", "0.03",
-            "--epochs", str(epochs), "--batch-size", "16", "--train-eval-samples", "200",
-            "--no-progress", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "flatminima",
+        "train",
+        "--data",
+        "gmm",
+        "--model",
+        "mlp",
+        "--data-kwargs",
+        "num_train=1280,num_test=500,dim=50",
+        "--optimizer",
+        "esgd",
+        "--inner-steps",
+        "2",
+        "--noise",
+        "1e-3",
+        "--gamma",
+        "0.03",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--train-eval-samples",
+        "200",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     """A run killed with SIGKILL mid-training and resumed ends with the same metrics."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     epochs = 10
-    subprocess.run(_train_cmd(tmp_path / "full", epochs), check=True, env=env,
-                   capture_output=True, timeout=300)
-    proc = subprocess.Popen(_train_cmd(tmp_path / "killed", epochs), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _train_cmd(tmp_path / "full", epochs), check=True, env=env, capture_output=True, timeout=300
+    )
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path / "killed", epochs),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "killed" / "metrics.csv"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -165,8 +217,13 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     rows_at_kill = len(metrics.read_text().splitlines()) - 1
     assert 2 <= rows_at_kill < epochs, "the run must be killed part-way"
     assert not (tmp_path / "killed" / "summary.json").exists()
-    subprocess.run(_train_cmd(tmp_path / "killed", epochs), check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        _train_cmd(tmp_path / "killed", epochs),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "killed")
 
 
@@ -208,8 +265,13 @@ def test_load_run_restores_the_model(tmp_path):
 def test_rsgd_reports_centre_replicas_and_ensemble(tmp_path):
     cfg = small_cfg(optimizer="rsgd", num_replicas=3, epochs=3, gamma=0.01)
     final = train(cfg, tmp_path / "run")["final"]
-    for key in ("test_error", "replica0_test_error", "replica2_test_error",
-                "replica_mean_test_error", "ensemble_test_error"):
+    for key in (
+        "test_error",
+        "replica0_test_error",
+        "replica2_test_error",
+        "replica_mean_test_error",
+        "ensemble_test_error",
+    ):
         assert 0 <= final[key] <= 1 and math.isfinite(final[key])
 
 
@@ -219,8 +281,22 @@ def test_rsgd_reports_centre_replicas_and_ensemble(tmp_path):
 def test_cli_train_runs_and_prints_result(tmp_path, capsys):
     from flatminima.cli import main
 
-    rc = main(["train", "--data", "gmm", "--model", "mlp", "--model-kwargs", "hidden=8",
-               "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")])
+    rc = main(
+        [
+            "train",
+            "--data",
+            "gmm",
+            "--model",
+            "mlp",
+            "--model-kwargs",
+            "hidden=8",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "test error" in out and "run folder" in out
 
@@ -231,8 +307,21 @@ def test_cli_unknown_names_list_valid_ones(capsys):
     assert main(["train", "--data", "nope", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "fashion-mnist" in err
-    assert main(["train", "--data", "gmm", "--model", "nope", "--no-progress",
-                 "--out", "/tmp/flatminima-never"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "gmm",
+                "--model",
+                "nope",
+                "--no-progress",
+                "--out",
+                "/tmp/flatminima-never",
+            ]
+        )
+        == 1
+    )
     assert "resnet18" in capsys.readouterr().err
 
 
@@ -250,11 +339,21 @@ def test_cli_data_lists_datasets(capsys):
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not FMNIST.is_dir() and not os.environ.get("FLATMINIMA_DATA"),
-                    reason="Fashion-MNIST files not found (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FMNIST.is_dir() and not os.environ.get("FLATMINIMA_DATA"),
+    reason="Fashion-MNIST files not found (apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist_short_training(tmp_path):
-    cfg = TrainConfig(data="fashion-mnist", model="mlp", train_subset=6000, epochs=2,
-                      lr=0.05, batch_size=64, progress=False, train_eval_samples=2000)
+    cfg = TrainConfig(
+        data="fashion-mnist",
+        model="mlp",
+        train_subset=6000,
+        epochs=2,
+        lr=0.05,
+        batch_size=64,
+        progress=False,
+        train_eval_samples=2000,
+    )
     summary = train(cfg, tmp_path / "run")
     assert summary["final"]["test_error"] < 0.25
 
@@ -264,8 +363,22 @@ def test_cli_flatness_measures_a_finished_run(tmp_path, capsys):
 
     cfg = small_cfg(optimizer="rsgd", num_replicas=2, epochs=1)
     train(cfg, tmp_path / "run")
-    rc = main(["flatness", str(tmp_path / "run"), "--sigmas", "0,0.5,1", "--draws", "3",
-               "--samples", "200", "--all-models", "--hessian", "--hessian-samples", "100"])
+    rc = main(
+        [
+            "flatness",
+            str(tmp_path / "run"),
+            "--sigmas",
+            "0,0.5,1",
+            "--draws",
+            "3",
+            "--samples",
+            "200",
+            "--all-models",
+            "--hessian",
+            "--hessian-samples",
+            "100",
+        ]
+    )
     assert rc == 0
     out = tmp_path / "run" / "flatness"
     rows = list(csv.DictReader((out / "local_energy.csv").open()))
@@ -310,3 +423,22 @@ def test_checkpoint_loads_whatever_device_map_location_put_rng_states_on(tmp_pat
     trainer = Trainer(cfg, None)
     trainer.load_state_dict(state)
     assert trainer.step == state["step"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "esgd", "rsgd", "sam"])
+def test_bf16_autocast_trains_every_algorithm(tmp_path, optimizer):
+    extra = {"esgd": {"inner_steps": 2, "scale_by_gamma": False, "lr": 0.5},
+             "rsgd": {"num_replicas": 2}}.get(optimizer, {})
+    summary = train(small_cfg(optimizer=optimizer, amp="bf16", epochs=2, **extra), tmp_path / "r")
+    assert summary["status"] == "complete"
+    assert math.isfinite(summary["final"]["train_loss"]) and summary["final"]["test_error"] < 0.5
+
+
+def test_flatness_logged_during_training(tmp_path):
+    cfg = small_cfg(epochs=3, flatness_epochs=[1, -1], flatness_sigmas=[0.0, 0.5],
+                    flatness_draws=2, flatness_samples=100)
+    train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    logged = [r.get("local_energy_error_s0.5", "") != "" for r in rows]
+    assert logged == [True, False, True]
+    assert float(rows[0]["local_energy_error_s0"]) == 0.0

@@ -22,8 +22,13 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *,
-                 digits: int = 4, markdown: bool = False) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    digits: int = 4,
+    markdown: bool = False,
+) -> str:
     """Format ``rows`` (dicts) as an aligned text table, or a GitHub Markdown table."""
     if not rows:
         return "(no rows)"
@@ -38,14 +43,17 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
         return "\n".join(lines)
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     # numbers right-aligned, text left-aligned
-    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
-               for c in columns]
+    numeric = [
+        all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+        for c in columns
+    ]
 
     def align(v: str, w: int, num: bool) -> str:
         return v.rjust(w) if num else v.ljust(w)
 
     head = "  ".join(align(c, w, n) for c, w, n in zip(columns, widths, numeric))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(align(v, w, n) for v, w, n in zip(r, widths, numeric)).rstrip()
-            for r in cells]
+    body = [
+        "  ".join(align(v, w, n) for v, w, n in zip(r, widths, numeric)).rstrip() for r in cells
+    ]
     return "\n".join([head, sep, *body])

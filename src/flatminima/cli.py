@@ -30,11 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         "and flatness measures for PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"flatminima {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: info, -vv: debug)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice; on a busy machine "
-                        "1 thread per process is often much faster)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; on a busy machine "
+        "1 thread per process is often much faster)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:

@@ -20,10 +20,21 @@ def run(args: argparse.Namespace) -> int:
     table, missing = [], []
     for r in rows:
         about, _, how = str(r.get("notes", "")).partition(" Not found: ")
-        where = r["path"] or ("(generated)" if r["kind"] == "synthetic" else
-                              "(scikit-learn)" if r["name"] == "digits" else "not found")
-        table.append({"name": r["name"], "found": "yes" if r["found"] else "no",
-                      "where": where, "what": about})
+        where = r["path"] or (
+            "(generated)"
+            if r["kind"] == "synthetic"
+            else "(scikit-learn)"
+            if r["name"] == "digits"
+            else "not found"
+        )
+        table.append(
+            {
+                "name": r["name"],
+                "found": "yes" if r["found"] else "no",
+                "where": where,
+                "what": about,
+            }
+        )
         if how:
             missing.append(f"  {r['name']}: {how}")
     print(format_table(table, ["name", "found", "where", "what"]))

@@ -38,8 +38,15 @@ class DataCache:
 
     @staticmethod
     def key(cfg: TrainConfig) -> tuple:
-        return (cfg.data, cfg.data_root, repr(sorted(cfg.data_kwargs.items())), cfg.val_size,
-                cfg.train_subset, cfg.label_noise, cfg.seed)
+        return (
+            cfg.data,
+            cfg.data_root,
+            repr(sorted(cfg.data_kwargs.items())),
+            cfg.val_size,
+            cfg.train_subset,
+            cfg.label_noise,
+            cfg.seed,
+        )
 
     def get(self, cfg: TrainConfig) -> DataSplits:
         key = self.key(cfg)

@@ -93,8 +93,12 @@ def register(subparsers: Any) -> None:
         help="comma-separated optimizers or preset arms (default sgd,esgd,rsgd,sam)",
     )
     p.add_argument("--seeds", type=int, help="number of paired seeds (default 3)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="training processes at once, each with cores/jobs threads (default 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training processes at once, each with cores/jobs threads (default 1)",
+    )
     p.add_argument(
         "--budget",
         choices=["grad-evals", "equal-grad-evals", "epochs", "equal-epochs", "both"],

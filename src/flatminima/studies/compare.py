@@ -236,8 +236,9 @@ def _train_worker(item: tuple[str, dict[str, Any]], threads: int) -> str:
     return run_dir
 
 
-def train_parallel(items: list[tuple[str, TrainConfig]], jobs: int, *,
-                   progress: bool = False) -> None:
+def train_parallel(
+    items: list[tuple[str, TrainConfig]], jobs: int, *, progress: bool = False
+) -> None:
     """Train (or resume/skip) run folders in ``jobs`` worker processes (spawned: safe with
     threads); each worker uses ``cores // jobs`` torch threads."""
     import multiprocessing as mp
@@ -267,8 +268,11 @@ def train_parallel(items: list[tuple[str, TrainConfig]], jobs: int, *,
 
 def _finished(cfg: TrainConfig, run_dir: Path) -> bool:
     summary = read_summary(run_dir)
-    return bool(summary and summary.get("config") == cfg.numerics()
-                and summary.get("status") in ("complete", "diverged"))
+    return bool(
+        summary
+        and summary.get("config") == cfg.numerics()
+        and summary.get("status") in ("complete", "diverged")
+    )
 
 
 def compare(

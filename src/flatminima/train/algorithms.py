@@ -36,14 +36,13 @@ class Algorithm:
     #: backward passes (minibatch gradient evaluations) per optimizer step, over all copies
     passes_per_step = 1
 
-    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        self.scaler = (
-            torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-        )
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.gamma_scheduler: Any = None
         self.model = model_factory().to(device)
         self.optimizer = self._make_optimizer()
@@ -51,8 +50,13 @@ class Algorithm:
     # ------------------------------------------------------------------ building blocks
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                               nesterov=c.nesterov, weight_decay=c.weight_decay)
+        return torch.optim.SGD(
+            self.model.parameters(),
+            lr=c.lr,
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -123,8 +127,9 @@ class Algorithm:
 class EntropySGDAlgorithm(Algorithm):
     name = "esgd"
 
-    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
+    ) -> None:
         self.batches_per_step = cfg.inner_steps
         self.passes_per_step = cfg.inner_steps
         super().__init__(cfg, model_factory, device)
@@ -133,11 +138,20 @@ class EntropySGDAlgorithm(Algorithm):
         from flatminima.optim import EntropySGD
 
         c = self.cfg
-        return EntropySGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                          nesterov=c.nesterov, weight_decay=c.weight_decay,
-                          inner_steps=c.inner_steps, inner_lr=c.inner_lr, noise=c.noise,
-                          mu_decay=c.mu_decay, gamma=c.gamma, scale_by_gamma=c.scale_by_gamma,
-                          seed=c.seed)
+        return EntropySGD(
+            self.model.parameters(),
+            lr=c.lr,
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+            inner_steps=c.inner_steps,
+            inner_lr=c.inner_lr,
+            noise=c.noise,
+            mu_decay=c.mu_decay,
+            gamma=c.gamma,
+            scale_by_gamma=c.scale_by_gamma,
+            seed=c.seed,
+        )
 
     def make_gamma_scheduler(self, total_steps: int) -> None:
         self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
@@ -167,9 +181,17 @@ class SAMAlgorithm(Algorithm):
         from flatminima.optim import SAM
 
         c = self.cfg
-        return SAM(self.model.parameters(), torch.optim.SGD, rho=c.rho, adaptive=c.adaptive,
-                   model=self.model, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                   weight_decay=c.weight_decay)
+        return SAM(
+            self.model.parameters(),
+            torch.optim.SGD,
+            rho=c.rho,
+            adaptive=c.adaptive,
+            model=self.model,
+            lr=c.lr,
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+        )
 
     def step(self, next_batch: NextBatch) -> float:
         batch = next_batch(0)  # both passes see the same minibatch
@@ -195,8 +217,9 @@ class SAMAlgorithm(Algorithm):
 class ReplicatedSGDAlgorithm(Algorithm):
     name = "rsgd"
 
-    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
+    ) -> None:
         from flatminima.optim import Replicas
 
         self.cfg = cfg
@@ -206,8 +229,9 @@ class ReplicatedSGDAlgorithm(Algorithm):
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.gamma_scheduler = None
-        self.replicas = Replicas(model_factory, cfg.num_replicas, init=cfg.replica_init,
-                                 seed=cfg.seed).to(device)
+        self.replicas = Replicas(
+            model_factory, cfg.num_replicas, init=cfg.replica_init, seed=cfg.seed
+        ).to(device)
         self.model = self.replicas  # what state_dict() saves
         self.optimizer = self._make_optimizer()
 
@@ -215,9 +239,15 @@ class ReplicatedSGDAlgorithm(Algorithm):
         from flatminima.optim import ReplicatedSGD
 
         c = self.cfg
-        return ReplicatedSGD(self.replicas, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                             weight_decay=c.weight_decay, gamma=c.gamma,
-                             coupling_every=c.coupling_every)
+        return ReplicatedSGD(
+            self.replicas,
+            lr=c.lr,
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+            gamma=c.gamma,
+            coupling_every=c.coupling_every,
+        )
 
     def make_gamma_scheduler(self, total_steps: int) -> None:
         self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
@@ -254,8 +284,13 @@ class ReplicatedSGDAlgorithm(Algorithm):
 def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
     from flatminima.optim.schedules import ExponentialGamma
 
-    return ExponentialGamma(optimizer, cfg.gamma, growth=cfg.gamma_growth,
-                            total_steps=max(total_steps, 1), gamma_max=cfg.gamma_max)
+    return ExponentialGamma(
+        optimizer,
+        cfg.gamma,
+        growth=cfg.gamma_growth,
+        total_steps=max(total_steps, 1),
+        gamma_max=cfg.gamma_max,
+    )
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -266,8 +301,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 }
 
 
-def build_algorithm(cfg: TrainConfig, model_factory: Callable[[], nn.Module],
-                    device: torch.device) -> Algorithm:
+def build_algorithm(
+    cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
+) -> Algorithm:
     try:
         cls = ALGORITHMS[cfg.optimizer]
     except KeyError:

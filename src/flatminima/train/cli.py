@@ -41,7 +41,8 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
             raise argparse.ArgumentTypeError(
-                f"invalid model option {part!r}: expected KEY=VALUE, e.g. width=16")
+                f"invalid model option {part!r}: expected KEY=VALUE, e.g. width=16"
+            )
         key, val = part.split("=", 1)
         out[key.strip()] = parse_value(val)
     return out
@@ -92,25 +93,48 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "train", help="train one network (sgd, esgd, rsgd, sam) into a run folder",
+        "train",
+        help="train one network (sgd, esgd, rsgd, sam) into a run folder",
         description="Train one network. The run folder gets config.yaml, metrics.csv, "
         "checkpoint.pt (every epoch) and summary.json; running the same command again "
-        "resumes an interrupted run and skips a finished one.")
+        "resumes an interrupted run and skips a finished one.",
+    )
     p.add_argument("--config", type=Path, help="YAML file of config keys (flags override it)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="run folder (default: runs/DATA-MODEL-OPTIMIZER-sSEED)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key (repeatable)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   default=argparse.SUPPRESS, help="no progress bar")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default: runs/DATA-MODEL-OPTIMIZER-sSEED)",
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)"
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no progress bar",
+    )
     dist = p.add_argument_group("distributed (launch with torchrun)")
-    dist.add_argument("--distributed", action="store_true",
-                      help="one replica per process on torch.distributed (rsgd), or data-parallel "
-                      "baselines (sgd, esgd, sam)")
-    dist.add_argument("--procs-per-replica", type=int, default=1,
-                      help="data-parallel processes per replica (rsgd)")
-    dist.add_argument("--dist-timeout", type=float, default=120.0,
-                      help="seconds before a collective waiting on a dead process fails")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one replica per process on torch.distributed (rsgd), or data-parallel "
+        "baselines (sgd, esgd, sam)",
+    )
+    dist.add_argument(
+        "--procs-per-replica",
+        type=int,
+        default=1,
+        help="data-parallel processes per replica (rsgd)",
+    )
+    dist.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=120.0,
+        help="seconds before a collective waiting on a dead process fails",
+    )
     add_config_arguments(p, skip=("progress",))
     p.set_defaults(func=run)
 
@@ -125,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
         if args.distributed:
             from flatminima.distributed import train_distributed
 
-            summary = train_distributed(cfg, out, procs_per_replica=args.procs_per_replica,
-                                        timeout=args.dist_timeout)
+            summary = train_distributed(
+                cfg, out, procs_per_replica=args.procs_per_replica, timeout=args.dist_timeout
+            )
             if summary is None:  # not rank 0: rank 0 reports
                 return 0
         else:
@@ -135,13 +160,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"flatminima train: diverged: {exc}", file=sys.stderr)
         return 3
     final = summary["final"]
-    cols = [c for c in ("epoch", "grad_evals", "train_loss", "train_error", "val_error",
-                        "test_loss", "test_error", "replica_mean_test_error",
-                        "ensemble_test_error", "train_time_s") if c in final]
+    cols = [
+        c
+        for c in (
+            "epoch",
+            "grad_evals",
+            "train_loss",
+            "train_error",
+            "val_error",
+            "test_loss",
+            "test_error",
+            "replica_mean_test_error",
+            "ensemble_test_error",
+            "train_time_s",
+        )
+        if c in final
+    ]
     print(format_table([final], cols))
     label = "centre of the replicas" if cfg.optimizer == "rsgd" else "model"
-    print(f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: test error {final['test_error']:.2%} "
-          f"({label}), {summary['grad_evals']:,} gradient evaluations "
-          f"[budget: {cfg.epochs:g} epochs, {cfg.budget}]")
+    print(
+        f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: test error {final['test_error']:.2%} "
+        f"({label}), {summary['grad_evals']:,} gradient evaluations "
+        f"[budget: {cfg.epochs:g} epochs, {cfg.budget}]"
+    )
     print(f"run folder: {out}")
     return 0

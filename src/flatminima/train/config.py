@@ -159,16 +159,37 @@ class TrainConfig:
         choice("amp", AMP_MODES)
         choice("bn", BN_MODES)
         choice("replica_init", ("independent", "same"))
-        for name in ("lr", "batch_size", "epochs", "gamma", "gamma_growth", "inner_steps",
-                     "inner_lr", "num_replicas", "coupling_every", "eval_batch_size",
-                     "flatness_draws"):
+        for name in (
+            "lr",
+            "batch_size",
+            "epochs",
+            "gamma",
+            "gamma_growth",
+            "inner_steps",
+            "inner_lr",
+            "num_replicas",
+            "coupling_every",
+            "eval_batch_size",
+            "flatness_draws",
+        ):
             positive(name)
-        for name in ("momentum", "weight_decay", "noise", "rho", "warmup_epochs",
-                     "train_eval_samples", "flatness_samples", "val_size", "eval_points"):
+        for name in (
+            "momentum",
+            "weight_decay",
+            "noise",
+            "rho",
+            "warmup_epochs",
+            "train_eval_samples",
+            "flatness_samples",
+            "val_size",
+            "eval_points",
+        ):
             positive(name, allow_zero=True)
         if self.val_size >= 1 and int(self.val_size) != self.val_size:
-            raise ValueError(f"Invalid val_size value: {self.val_size!r} (a fraction in [0, 1) "
-                             "or a whole number of samples)")
+            raise ValueError(
+                f"Invalid val_size value: {self.val_size!r} (a fraction in [0, 1) "
+                "or a whole number of samples)"
+            )
         if not 0 <= self.mu_decay < 1:
             raise ValueError(f"Invalid mu_decay value: {self.mu_decay!r} (must be in [0, 1))")
         if not 0 <= self.label_noise < 1:
@@ -181,7 +202,9 @@ class TrainConfig:
             )
         for name in ("batch_size", "inner_steps", "num_replicas", "coupling_every", "seed"):
             if int(getattr(self, name)) != getattr(self, name):
-                raise ValueError(f"Invalid {name} value: {getattr(self, name)!r} (must be an integer)")
+                raise ValueError(
+                    f"Invalid {name} value: {getattr(self, name)!r} (must be an integer)"
+                )
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(
                 f"Invalid lr_milestones {self.lr_milestones!r}: fractions of the run in (0, 1)"

@@ -19,8 +19,13 @@ def _batches(data: ArrayDataset, batch_size: int, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256,
-             device: torch.device | str | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> tuple[float, float]:
     """Mean cross-entropy and error rate of ``model`` on ``data`` in eval mode.
 
     The model's train/eval mode is restored afterwards.
@@ -44,8 +49,13 @@ def evaluate(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256,
 
 
 @torch.no_grad()
-def evaluate_ensemble(models: Sequence[nn.Module], data: ArrayDataset, *, batch_size: int = 256,
-                      device: torch.device | str | None = None) -> tuple[float, float]:
+def evaluate_ensemble(
+    models: Sequence[nn.Module],
+    data: ArrayDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> tuple[float, float]:
     """Loss and error of the output ensemble: the mean of the members' softmax probabilities."""
     if not models:
         raise ValueError("evaluate_ensemble needs at least one model")

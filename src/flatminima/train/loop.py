@@ -133,9 +133,16 @@ def _model_factory(cfg: TrainConfig, data: DataSplits) -> Callable[[], nn.Module
 def load_data(cfg: TrainConfig, device: torch.device) -> DataSplits:
     # val_size below 1 is a fraction of the training set, from 1 up a number of samples
     val_size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
-    return load_dataset(cfg.data, cfg.data_root, val_size=val_size,
-                        train_subset=cfg.train_subset, label_noise=cfg.label_noise,
-                        seed=cfg.seed, device=device, **cfg.data_kwargs)
+    return load_dataset(
+        cfg.data,
+        cfg.data_root,
+        val_size=val_size,
+        train_subset=cfg.train_subset,
+        label_noise=cfg.label_noise,
+        seed=cfg.seed,
+        device=device,
+        **cfg.data_kwargs,
+    )
 
 
 def _endless(loader: TensorLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,8 +182,14 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
 class Trainer:
     """Builds everything a run needs from its config and runs it in ``out_dir``."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, *,
-                 data: DataSplits | None = None, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        data: DataSplits | None = None,
+        progress: bool | None = None,
+    ) -> None:
         cfg.validate()
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -192,8 +205,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.data = data if data is not None else load_data(cfg, self.device)
         self.data = dataclasses.replace(
-            self.data, train=self.data.train.to(self.device), test=self.data.test.to(self.device),
-            val=None if self.data.val is None else self.data.val.to(self.device))
+            self.data,
+            train=self.data.train.to(self.device),
+            test=self.data.test.to(self.device),
+            val=None if self.data.val is None else self.data.val.to(self.device),
+        )
         torch.manual_seed(cfg.seed)  # model initialisation does not depend on data loading
         self.algo = self._build_algorithm(_model_factory(cfg, self.data))
         augment = default_augment(cfg.data) if cfg.augment in (None, True) else None
@@ -202,14 +218,21 @@ class Trainer:
 
             augment = Augment()
         self.loaders = [
-            TensorLoader(self.data.train, cfg.batch_size, shuffle=True, drop_last=True,
-                         augment=augment, seed=cfg.seed * 1009 + s)
+            TensorLoader(
+                self.data.train,
+                cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                augment=augment,
+                seed=cfg.seed * 1009 + s,
+            )
             for s in range(self.algo.num_streams)
         ]
         self.plan = make_plan(cfg, self.algo, len(self.data.train))
         self.algo.make_gamma_scheduler(self.plan.total_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.algo.optimizer, lr_factor(cfg, self.plan))
+            self.algo.optimizer, lr_factor(cfg, self.plan)
+        )
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -261,8 +284,9 @@ class Trainer:
             return
         state = torch.load(ckpt, map_location=self.device, weights_only=False)
         if state["config"] != self.cfg.numerics():
-            diff = sorted(k for k in self.cfg.numerics()
-                          if state["config"].get(k) != self.cfg.numerics()[k])
+            diff = sorted(
+                k for k in self.cfg.numerics() if state["config"].get(k) != self.cfg.numerics()[k]
+            )
             raise ResumeMismatchError(
                 f"{self.out_dir} holds a run with a different configuration (differs in: "
                 f"{', '.join(diff)}); use another --out folder or delete it"
@@ -287,22 +311,26 @@ class Trainer:
             prefix = "" if i == 0 else f"{name}_"
             if i == 0 or name.startswith("replica"):
                 row[prefix + "test_loss"], row[prefix + "test_error"] = evaluate(
-                    model, self.data.test, batch_size=bs)
+                    model, self.data.test, batch_size=bs
+                )
             if i == 0:
                 row["train_eval_loss"], row["train_error"] = evaluate(
-                    model, self.train_eval, batch_size=bs)
+                    model, self.train_eval, batch_size=bs
+                )
                 if self.data.val is not None:
-                    row["val_loss"], row["val_error"] = evaluate(model, self.data.val,
-                                                                 batch_size=bs)
+                    row["val_loss"], row["val_error"] = evaluate(
+                        model, self.data.val, batch_size=bs
+                    )
         members = self.algo.ensemble_members()
         if members:
             row["replica_mean_test_error"] = sum(
-                row[f"replica{a}_test_error"] for a in range(len(members))) / len(members)
+                row[f"replica{a}_test_error"] for a in range(len(members))
+            ) / len(members)
             row["ensemble_test_loss"], row["ensemble_test_error"] = evaluate_ensemble(
-                members, self.data.test, batch_size=bs)
+                members, self.data.test, batch_size=bs
+            )
         if self.epoch in cfg.flatness_epochs or (
-            cfg.flatness_epochs and -1 in cfg.flatness_epochs
-            and self.epoch == self.plan.num_epochs
+            cfg.flatness_epochs and -1 in cfg.flatness_epochs and self.epoch == self.plan.num_epochs
         ):
             row.update(self._flatness(next(iter(models.values()))))
         torch.set_rng_state(rng)
@@ -313,9 +341,14 @@ class Trainer:
 
         cfg = self.cfg
         n = min(cfg.flatness_samples, len(self.data.train))
-        res = local_energy(model, (self.data.train.x[:n], self.data.train.y[:n]),
-                           cfg.flatness_sigmas, n_draws=cfg.flatness_draws, seed=cfg.seed,
-                           batch_size=cfg.eval_batch_size)
+        res = local_energy(
+            model,
+            (self.data.train.x[:n], self.data.train.y[:n]),
+            cfg.flatness_sigmas,
+            n_draws=cfg.flatness_draws,
+            seed=cfg.seed,
+            batch_size=cfg.eval_batch_size,
+        )
         out = {}
         for s, de, dl in zip(res.sigmas, res.delta_error, res.delta_loss):
             out[f"local_energy_error_s{s:g}"] = float(de)
@@ -333,8 +366,11 @@ class Trainer:
         cfg = self.cfg
         if self.out_dir is not None:
             summary = read_summary(self.out_dir)
-            if summary is not None and summary.get("status") == "complete" \
-                    and summary.get("config") == cfg.numerics():
+            if (
+                summary is not None
+                and summary.get("status") == "complete"
+                and summary.get("config") == cfg.numerics()
+            ):
                 log.info("%s is complete; nothing to do", self.out_dir)
                 return summary
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,14 +382,22 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
-                       desc=f"{cfg.optimizer} {cfg.model}/{cfg.data} s{cfg.seed}", leave=False)
+            bar = tqdm(
+                total=self.plan.total_steps,
+                initial=self.step,
+                unit="step",
+                desc=f"{cfg.optimizer} {cfg.model}/{cfg.data} s{cfg.seed}",
+                leave=False,
+            )
         done = 0
         try:
             while self.step < self.plan.total_steps:
                 if max_epochs is not None and done >= max_epochs:
-                    return {"status": "incomplete", "steps": self.step,
-                            "final": self.history[-1] if self.history else {}}
+                    return {
+                        "status": "incomplete",
+                        "steps": self.step,
+                        "final": self.history[-1] if self.history else {},
+                    }
                 self._run_epoch(bar)
                 done += 1
         finally:
@@ -399,7 +443,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "grad_evals": self.step * self.plan.grad_evals_per_step,
-            "data_epochs": self.step * self.algo.batches_per_step * cfg.batch_size
+            "data_epochs": self.step
+            * self.algo.batches_per_step
+            * cfg.batch_size
             / self.plan.train_size,
             "lr": self.algo.optimizer.param_groups[0]["lr"],
             "gamma": self.algo.current_gamma(),
@@ -409,9 +455,15 @@ class Trainer:
         row["train_time_s"] = self.train_time
         row["eval_time_s"] = time.perf_counter() - t1
         self.history.append(row)
-        log.info("epoch %d: %s", self.epoch,
-                 ", ".join(f"{k}={v:.4g}" for k, v in row.items()
-                           if isinstance(v, float) and k.endswith("error")))
+        log.info(
+            "epoch %d: %s",
+            self.epoch,
+            ", ".join(
+                f"{k}={v:.4g}"
+                for k, v in row.items()
+                if isinstance(v, float) and k.endswith("error")
+            ),
+        )
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)):
@@ -421,8 +473,10 @@ class Trainer:
             _save_atomic(self.state_dict(), self.out_dir / CHECKPOINT)
 
     def _diverged(self, loss: float) -> None:
-        msg = (f"training loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
-               "stopping. Lower lr (or gamma/inner_lr); ")
+        msg = (
+            f"training loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
+            "stopping. Lower lr (or gamma/inner_lr); "
+        )
         if self.out_dir is not None:
             msg += f"the last good checkpoint is kept in {self.out_dir / CHECKPOINT}"
             self._finish("diverged", message=msg)
@@ -450,8 +504,11 @@ class Trainer:
         vals = [r for r in self.history if "val_error" in r]
         if vals:
             best = min(vals, key=lambda r: (r["val_error"], r["epoch"]))
-            summary["early_stopped"] = {"epoch": best["epoch"], "val_error": best["val_error"],
-                                        "test_error": best["test_error"]}
+            summary["early_stopped"] = {
+                "epoch": best["epoch"],
+                "val_error": best["val_error"],
+                "test_error": best["test_error"],
+            }
         if self.out_dir is not None:
             _write_json(summary, self.out_dir / SUMMARY)
         return summary
@@ -460,15 +517,22 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log.warning("tensorboard is not installed (pip install flatminima[tensorboard]); "
-                        "scalars are not written")
+            log.warning(
+                "tensorboard is not installed (pip install flatminima[tensorboard]); "
+                "scalars are not written"
+            )
             return
         assert self.out_dir is not None
         self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
 
-def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, data: DataSplits | None = None,
-          progress: bool | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    data: DataSplits | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Train one run to the end of its budget and return its summary.
 
     Example:
