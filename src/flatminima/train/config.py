@@ -45,7 +45,7 @@ class TrainConfig:
     val_size: float = 0.0
     train_subset: int | None = None
     label_noise: float = 0.0
-    augment: bool | None = None  # None: the data set's default augmentation
+    augment: bool = False  # True: the data set's standard augmentation (crop + flip for images)
     # model
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)

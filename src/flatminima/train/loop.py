@@ -212,11 +212,13 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)  # model initialisation does not depend on data loading
         self.algo = self._build_algorithm(_model_factory(cfg, self.data))
-        augment = default_augment(cfg.data) if cfg.augment in (None, True) else None
-        if cfg.augment is True and augment is None:
-            from flatminima.data import Augment
-
-            augment = Augment()
+        augment = None
+        if cfg.augment:
+            augment = default_augment(cfg.data)
+            if augment is None:
+                raise ValueError(
+                    f"augment=True, but data set {cfg.data!r} has no image augmentation "
+                    "(crop and flip apply to image data sets)")
         self.loaders = [
             TensorLoader(
                 self.data.train,
