@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -53,7 +54,16 @@ def test_config_rejects_bad_values():
             train_linear(X, y, DynamicsConfig(**kw))
 
 
-def test_cli_quick_is_resumable(tmp_path, capsys):
+def test_cli_quick_is_resumable(tmp_path, capsys, monkeypatch):
+    # size shrink for the default run: the quick preset has one seed, so the 2000 bootstrap
+    # resamples of the Kendall CI are all the same resample (~75 % of this test's time); 20 give
+    # the same interval through the same code path (the CLI imports kendall_by_alpha at call time)
+    from flatminima.gmm import ranking
+
+    full = ranking.kendall_by_alpha
+    monkeypatch.setattr(
+        ranking, "kendall_by_alpha", lambda rows, measure: full(rows, measure, n_boot=20)
+    )
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     out = tmp_path / "gmm"
@@ -74,6 +84,8 @@ def test_cli_quick_is_resumable(tmp_path, capsys):
     heb = [r for r in rows if r["estimator"] == "hebbian"]
     assert all(float(r["gap_heb"]) == 0.0 for r in heb)
     assert (out / "eps_vs_alpha.png").exists() and (out / "flatness_vs_eps.png").exists()
+    taus = json.load(open(out / "kendall.json"))
+    assert {d["alpha"] for d in taus["sigma_star"]} == {1.0, 4.0}
     assert args.func(args) == 0  # second run: every cell is skipped, nothing appended
     assert len(list(csv.DictReader(open(out / "results.csv")))) == len(rows)
     bad = parser.parse_args(["gmm", "--quick", "--out", str(out), "--estimators", "nope"])
