@@ -93,14 +93,10 @@ class DistributedReplicatedAlgorithm(Algorithm):
                 f"num_replicas={cfg.num_replicas} but the process group has "
                 f"{ctx.num_replicas} replicas"
             )
-        self.cfg = cfg
-        self.device = device
+        self._init_common(cfg, device)
         self.ctx = ctx
         self.num_streams = cfg.num_replicas
         self.passes_per_step = cfg.num_replicas
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-        self.gamma_scheduler = None
         replicas = Replicas(model_factory, cfg.num_replicas, init=cfg.replica_init, seed=cfg.seed)
         model = copy.deepcopy(replicas[ctx.replica])
         del replicas

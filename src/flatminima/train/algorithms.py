@@ -39,15 +39,19 @@ class Algorithm:
     def __init__(
         self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
     ) -> None:
+        self._init_common(cfg, device)
+        self.model = model_factory().to(device)
+        self.optimizer = self._make_optimizer()
+
+    # ------------------------------------------------------------------ building blocks
+    def _init_common(self, cfg: TrainConfig, device: torch.device) -> None:
+        """Settings every adapter shares: config, device, mixed precision, coupling schedule."""
         self.cfg = cfg
         self.device = device
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.gamma_scheduler: Any = None
-        self.model = model_factory().to(device)
-        self.optimizer = self._make_optimizer()
 
-    # ------------------------------------------------------------------ building blocks
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         return torch.optim.SGD(
@@ -222,13 +226,9 @@ class ReplicatedSGDAlgorithm(Algorithm):
     ) -> None:
         from flatminima.optim import Replicas
 
-        self.cfg = cfg
-        self.device = device
+        self._init_common(cfg, device)
         self.num_streams = cfg.num_replicas
         self.passes_per_step = cfg.num_replicas
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-        self.gamma_scheduler = None
         self.replicas = Replicas(
             model_factory, cfg.num_replicas, init=cfg.replica_init, seed=cfg.seed
         ).to(device)
