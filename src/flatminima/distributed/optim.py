@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatminima.optim._common import check_nonneg, check_sgd_args, sgd_step_
+from flatminima.optim._common import add_coupling_, check_nonneg, check_sgd_args, sgd_step_
 
 __all__ = ["DistributedReplicatedSGD"]
 
@@ -199,8 +199,8 @@ class DistributedReplicatedSGD(Optimizer):
             kg = g["coupling_every"] * g["gamma"]
             total = self.flat.detach().clone()
             dist.all_reduce(total, group=self.group)  # sum over W ranks = G * sum_a w_a
-            self.flat_grad.add_(self.flat, alpha=kg + g["weight_decay"])
-            self.flat_grad.sub_(total, alpha=kg / self.world)  # c = total / W, folded in
+            # c = total / W (the sum over W ranks is G times the sum over replicas)
+            add_coupling_(self.flat_grad, self.flat, total, kg, g["weight_decay"], self.world)
         self._coupled_done = True
 
     # ------------------------------------------------------------------ the step

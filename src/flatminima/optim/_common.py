@@ -36,6 +36,18 @@ def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bo
         )
 
 
+def add_coupling_(grad: Tensor, w: Tensor, total: Tensor, kg: float, wd: float,
+                  count: int) -> None:
+    """``grad += kg (w - total / count) + wd w`` in two in-place kernels.
+
+    ``total / count`` is the replica centre ``c`` (``total`` a sum of replica parameters, from
+    ``w.sum(0)`` or an all-reduce); the ``1/count`` is folded into the kernel's ``alpha``. The
+    single-process and the distributed Replicated-SGD both call this, so they agree bit for bit.
+    """
+    grad.add_(w, alpha=kg + wd)
+    grad.sub_(total, alpha=kg / count)
+
+
 def sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from flatminima.optim._common import check_nonneg, check_sgd_args, sgd_step_
+from flatminima.optim._common import add_coupling_, check_nonneg, check_sgd_args, sgd_step_
 
 __all__ = ["Replicas", "ReplicatedSGD", "update_bn"]
 
@@ -539,9 +539,7 @@ class ReplicatedSGD(Optimizer):
                 kg = k * gamma
                 y = len(self.replicas)
                 for w, g in zip(params, grads):
-                    total = w.sum(0, keepdim=True)
-                    g.add_(w, alpha=kg + wd)
-                    g.sub_(total, alpha=kg / y)
+                    add_coupling_(g, w, w.sum(0, keepdim=True), kg, wd, y)
                 wd = 0.0
             states = [self.state[p] for p in params]
             bufs = sgd_step_(
