@@ -54,16 +54,7 @@ def test_config_rejects_bad_values():
             train_linear(X, y, DynamicsConfig(**kw))
 
 
-def test_cli_quick_is_resumable(tmp_path, capsys, monkeypatch):
-    # size shrink for the default run: the quick preset has one seed, so the 2000 bootstrap
-    # resamples of the Kendall CI are all the same resample (~75 % of this test's time); 20 give
-    # the same interval through the same code path (the CLI imports kendall_by_alpha at call time)
-    from flatminima.gmm import ranking
-
-    full = ranking.kendall_by_alpha
-    monkeypatch.setattr(
-        ranking, "kendall_by_alpha", lambda rows, measure: full(rows, measure, n_boot=20)
-    )
+def test_cli_quick_is_resumable(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     out = tmp_path / "gmm"
@@ -72,6 +63,7 @@ def test_cli_quick_is_resumable(tmp_path, capsys, monkeypatch):
             "gmm",
             "--quick",
             "--no-progress",
+            "--free-entropy",
             "--out",
             str(out),
             "--estimators",
@@ -83,14 +75,34 @@ def test_cli_quick_is_resumable(tmp_path, capsys, monkeypatch):
     assert {r["estimator"] for r in rows} == {"hebbian", "square_ridge", "sgd_loss", "rsgd_err"}
     heb = [r for r in rows if r["estimator"] == "hebbian"]
     assert all(float(r["gap_heb"]) == 0.0 for r in heb)
+    assert all(np.isfinite(float(r["free_entropy"])) for r in rows)
     assert (out / "eps_vs_alpha.png").exists() and (out / "flatness_vs_eps.png").exists()
     taus = json.load(open(out / "kendall.json"))
     assert {d["alpha"] for d in taus["sigma_star"]} == {1.0, 4.0}
+    assert {d["alpha"] for d in taus["free_entropy"]} == {1.0, 4.0}
+    # one seed: no bootstrap interval
+    assert all(np.isnan(d["lo"]) for d in taus["sigma_star"])
+    theory = list(csv.DictReader(open(out / "theory.csv")))
+    assert {r["estimator"] for r in theory} == {"square_ridge"}  # the only ERM estimator run
+    assert {1.0, 4.0} <= {float(r["alpha"]) for r in theory}
+    printed = capsys.readouterr().out
+    assert "Replica theory" in printed and "free_entropy" in printed
     assert args.func(args) == 0  # second run: every cell is skipped, nothing appended
     assert len(list(csv.DictReader(open(out / "results.csv")))) == len(rows)
     bad = parser.parse_args(["gmm", "--quick", "--out", str(out), "--estimators", "nope"])
     assert bad.func(bad) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_refuses_results_of_another_version(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "gmm"
+    out.mkdir()
+    (out / "results.csv").write_text("n_features,delta,rho,alpha,seed,estimator\n")
+    args = parser.parse_args(["gmm", "--quick", "--no-progress", "--out", str(out)])
+    assert args.func(args) == 2
+    assert "new --out folder" in capsys.readouterr().err
 
 
 def test_hebbian_is_scale_free():

@@ -25,7 +25,14 @@ from flatminima.gmm.flatness import (
     sigma_at_error,
     training_error,
 )
+from flatminima.gmm.free_entropy import (
+    FreeEntropyResult,
+    error_count,
+    local_free_entropy,
+    prior_delta_energy,
+)
 from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
+from flatminima.gmm.replica import THEORY_LOSSES, ERMTheory, erm_learning_curve, erm_theory
 from flatminima.gmm.theory import (
     H,
     bayes_optimal_bias,
@@ -64,6 +71,14 @@ __all__ = [
     "angle_deg",
     "GridRun",
     "run_grid",
+    "FreeEntropyResult",
+    "local_free_entropy",
+    "prior_delta_energy",
+    "error_count",
+    "ERMTheory",
+    "THEORY_LOSSES",
+    "erm_theory",
+    "erm_learning_curve",
     "FLATNESS_MEASURES",
     "kendall_by_alpha",
 ]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 
@@ -15,7 +18,9 @@ from flatminima.gmm.experiment import (
     config_dict,
     run_study,
     summarize,
+    theory_curves,
 )
+from flatminima.gmm.replica import ERMTheory
 
 __all__ = ["register", "run", "build_config"]
 
@@ -62,6 +67,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=40.0,
         help="budget of every dynamical estimator in gradient evaluations / P (all replicas)",
     )
+    p.add_argument(
+        "--free-entropy",
+        action="store_true",
+        help="also measure the local free entropy of every estimator (about 1-3 s per fit at "
+        "N=1000)",
+    )
+    p.add_argument(
+        "--no-theory",
+        action="store_true",
+        help="skip the replica-theory ERM learning curves (theory.csv, lines in the figure)",
+    )
     p.add_argument("--out", default="runs/gmm", help="output folder (resumable)")
     p.add_argument("--quick", action="store_true", help="tiny preset for tests/CI (seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,6 +94,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         seeds=tuple(args.seeds),
         estimators=tuple(args.estimators),
         epochs=args.epochs,
+        free_entropy=args.free_entropy,
     )
     if args.quick:
         cfg.n_features, cfg.alphas, cfg.seeds, cfg.epochs = 100, (1.0, 4.0), (0,), 3.0
@@ -101,6 +118,40 @@ def _table(summary: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _finite(val: object) -> bool:
+    try:
+        return math.isfinite(float(val))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _write_theory(theory: dict[str, list[ERMTheory]], path: str) -> None:
+    fields = ["estimator", "loss", "lam", "alpha", "delta", "rho", "eps_g", "train_error"]
+    fields += ["train_loss", "m", "q", "b", "V", "converged"]
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        wr.writeheader()
+        for name, curve in theory.items():
+            for r in curve:
+                wr.writerow(dict(dataclasses.asdict(r), estimator=name))
+
+
+def _theory_table(theory: dict[str, list[ERMTheory]], summary: list[dict[str, object]]) -> str:
+    lines = [f"{'estimator':<16}{'alpha':>6}{'theory':>9}{'simulation':>16}{'train th/sim':>15}"]
+    for name, curve in theory.items():
+        for s in summary:
+            if s["estimator"] != name:
+                continue
+            a = float(s["alpha"])  # type: ignore[arg-type]
+            th = min(curve, key=lambda r: abs(r.alpha - a))
+            lines.append(
+                f"{name:<16}{a:>6g}{100 * th.eps_g:>9.2f}"
+                f"{100 * float(s['eps_g']):>9.2f}±{100 * float(s['eps_g_se']):<6.2f}"  # type: ignore[arg-type]
+                f"{100 * th.train_error:>8.1f}/{100 * float(s['train_error']):<6.1f}"  # type: ignore[arg-type]
+            )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the study into ``args.out``; returns the exit code."""
     try:
@@ -119,25 +170,42 @@ def run(args: argparse.Namespace) -> int:
         def progress(it, total):  # type: ignore[no-untyped-def]
             return tqdm(it, total=total, desc="gmm cells", unit="cell")
 
-    rows = run_study(cfg, os.path.join(args.out, "results.csv"), progress)
+    try:
+        rows = run_study(cfg, os.path.join(args.out, "results.csv"), progress)
+    except ValueError as e:
+        print(f"flatminima gmm: error: {e}", file=sys.stderr)
+        return 2
     summary = summarize(rows)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     from flatminima.gmm.plots import plot_eps_vs_alpha, plot_flatness_vs_eps
 
-    plot_eps_vs_alpha(summary, cfg.delta, cfg.rho, os.path.join(args.out, "eps_vs_alpha.png"))
+    theory = {} if args.no_theory else theory_curves(cfg)
+    if theory:
+        _write_theory(theory, os.path.join(args.out, "theory.csv"))
+    plot_eps_vs_alpha(
+        summary, cfg.delta, cfg.rho, os.path.join(args.out, "eps_vs_alpha.png"), theory
+    )
     from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
 
-    taus = {m: kendall_by_alpha(rows, m) for m in FLATNESS_MEASURES}
+    measured = [m for m in FLATNESS_MEASURES if any(_finite(r.get(m)) for r in rows)]
+    taus = {m: kendall_by_alpha(rows, m) for m in measured}
     with open(os.path.join(args.out, "kendall.json"), "w") as f:
         json.dump(taus, f, indent=1)
     plot_flatness_vs_eps(rows, os.path.join(args.out, "flatness_vs_eps.png"), taus)
     print(_table(summary))
+    if theory:
+        print("\nReplica theory (N -> infinity) beside the simulations, eps_g %:")
+        print(_theory_table(theory, summary))
     for m, res in taus.items():
         print(f"\nKendall tau({m} oriented flatter-larger, eps_g), 95% bootstrap CI over seeds:")
         for d in res:
             print(f"  alpha={d['alpha']:g}: {d['tau']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
-    print(f"\nwrote {args.out}/results.csv, summary.json, eps_vs_alpha.png, flatness_vs_eps.png")
+    extra = ", theory.csv" if theory else ""
+    print(
+        f"\nwrote {args.out}/results.csv, summary.json{extra}, eps_vs_alpha.png, "
+        "flatness_vs_eps.png"
+    )
     return 0
 
 

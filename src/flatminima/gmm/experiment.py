@@ -33,6 +33,8 @@ from flatminima.gmm.data import check_model_args, sample
 from flatminima.gmm.estimators import erm_hinge, erm_logistic, erm_square, hebbian
 from flatminima.gmm.fastdyn import run_grid
 from flatminima.gmm.flatness import angle_deg, local_energy, sigma_at_error, training_error
+from flatminima.gmm.free_entropy import DEFAULT_BETA, DEFAULT_GAMMA, local_free_entropy
+from flatminima.gmm.replica import ERMTheory, erm_learning_curve
 from flatminima.gmm.theory import bayes_optimal_error, classifier_error, overlaps
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "read_rows",
     "summarize",
     "CSV_FIELDS",
+    "THEORY_ESTIMATORS",
+    "theory_curves",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,8 @@ CSV_FIELDS = [
     "train_error",
     "local_energy",
     "sigma_star",
+    "free_entropy",
+    "free_entropy_se",
     "angle_heb",
     "m",
     "q",
@@ -123,6 +129,9 @@ class StudyConfig:
     num_replicas: int = 3
     val_fraction: float = 0.2
     local_energy_sigma: float = 0.5
+    free_entropy: bool = False
+    free_entropy_gamma: float = DEFAULT_GAMMA
+    free_entropy_beta: float = DEFAULT_BETA
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -140,6 +149,10 @@ class StudyConfig:
             raise ValueError(f"Invalid val_fraction value: {self.val_fraction!r} (in (0, 1))")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"Invalid epochs value: {self.epochs!r} (expected > 0)")
+        for key in ("free_entropy_gamma", "free_entropy_beta"):
+            val = getattr(self, key)
+            if not (isinstance(val, int | float) and math.isfinite(val) and val > 0):
+                raise ValueError(f"Invalid {key} value: {val!r} (expected > 0)")
 
 
 def _fit_dynamics(
@@ -215,6 +228,12 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
     for (name, stop, w, b, ep, ge, hp), tr in zip(fits, train_errs):
         eps = classifier_error(w, b, v, cfg.delta, cfg.rho)
         m, q = overlaps(w, v)
+        fe_phi = fe_se = float("nan")
+        if cfg.free_entropy:
+            fe = local_free_entropy(
+                w, b, X, y, gamma=cfg.free_entropy_gamma, beta=cfg.free_entropy_beta, seed=seed
+            )
+            fe_phi, fe_se = fe.phi, fe.phi_se
         rows.append(
             dict(
                 n_features=cfg.n_features,
@@ -231,6 +250,8 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
                 train_error=tr,
                 local_energy=local_energy(w, b, X, y, cfg.local_energy_sigma),
                 sigma_star=sigma_at_error(w, b, X, y, target),
+                free_entropy=fe_phi,
+                free_entropy_se=fe_se,
                 angle_heb=angle_deg(w, w_heb),
                 m=m,
                 q=q,
@@ -257,6 +278,14 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, object]]:
                     row[k] = val
             out.append(row)
         return out
+
+
+def _num(val: object) -> float:
+    """A CSV cell as a float (``nan`` for a missing column or empty cell)."""
+    try:
+        return float(val)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _cell_key(n: float, delta: float, rho: float, alpha: float, seed: float) -> tuple:
@@ -297,6 +326,14 @@ def run_study(
     log.info("%d cells to run, %d already done", len(todo), len(done))
     it: Iterable[tuple[float, int]] = progress(todo, len(todo)) if progress else todo
     new_file = not os.path.exists(csv_path)
+    if todo and not new_file:  # rows are appended: the columns must match
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header and header != CSV_FIELDS:
+            raise ValueError(
+                f"Invalid results file {os.fspath(csv_path)!r}: its columns {header} are not "
+                f"this version's {CSV_FIELDS}; write to a new --out folder"
+            )
     for alpha, seed in it:
         rows = run_cell(cfg, alpha, seed)
         with open(csv_path, "a", newline="") as f:
@@ -330,9 +367,10 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
             "train_error",
             "local_energy",
             "sigma_star",
+            "free_entropy",
             "angle_heb",
         ):
-            x = np.array([float(r[k]) for r in rs], dtype=float)  # type: ignore[arg-type]
+            x = np.array([_num(r.get(k)) for r in rs], dtype=float)
             x = x[np.isfinite(x)]
             s[k] = float(x.mean()) if x.size else float("nan")
             s[k + "_se"] = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
@@ -340,6 +378,26 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
     order = {n: i for i, n in enumerate(ESTIMATORS)}
     out.sort(key=lambda s: (order.get(str(s["estimator"]), 99), str(s["stop"]), s["alpha"]))
     return out
+
+
+# study estimator -> ERM loss of the replica theory (same ridge RIDGE; bias fitted iff rho != 0.5)
+THEORY_ESTIMATORS = {
+    "square_ridge": "square",
+    "logistic_ridge": "logistic",
+    "hinge_ridge": "hinge",
+}
+
+
+def theory_curves(cfg: StudyConfig, n_points: int = 25) -> dict[str, list[ERMTheory]]:
+    """Replica-theory learning curves (:mod:`flatminima.gmm.replica`, N -> infinity) of the
+    study's ridge-ERM estimators, on ``n_points`` alphas log-spaced over the study's range."""
+    alphas = np.geomspace(min(cfg.alphas), max(cfg.alphas), n_points).tolist()
+    alphas = sorted(set(alphas) | {float(a) for a in cfg.alphas})
+    return {
+        name: erm_learning_curve(loss, alphas, RIDGE, cfg.delta, cfg.rho)
+        for name, loss in THEORY_ESTIMATORS.items()
+        if name in cfg.estimators
+    }
 
 
 def config_dict(cfg: StudyConfig) -> dict[str, object]:

@@ -9,7 +9,8 @@ budget). Legends sit under each panel.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,11 +59,19 @@ def _style(name: str) -> tuple[str, str]:
 
 
 def plot_eps_vs_alpha(
-    summary: Sequence[dict[str, object]], delta: float, rho: float, path: str | os.PathLike[str]
+    summary: Sequence[dict[str, object]],
+    delta: float,
+    rho: float,
+    path: str | os.PathLike[str],
+    theory: Mapping[str, Sequence[Any]] | None = None,
 ) -> None:
     """``eps_g - eps_BO`` (mean +- SE over seeds) against alpha, one panel per family; the
     Hebbian (closed panel) and the 0.5 pp band are drawn in every panel; a fourth panel shows
-    ``eps_g`` itself for the Hebbian beside ``eps_BO(alpha)``."""
+    ``eps_g`` itself for the Hebbian beside ``eps_BO(alpha)``.
+
+    ``theory``: estimator name -> replica-theory points (objects with ``alpha`` and ``eps_g``,
+    e.g. :class:`flatminima.gmm.replica.ERMTheory`), drawn as dotted lines in the estimator's
+    colour in the closed-form panel and in the absolute-error panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +120,20 @@ def plot_eps_vs_alpha(
         ax.set_xlabel("alpha = P / N")
         ax.set_title(title)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    for name, pts in (theory or {}).items():
+        col, _ = _style(name)
+        ta = [float(r.alpha) for r in pts]
+        te = [float(r.eps_g) for r in pts]
+        axes[0].plot(
+            ta,
+            [100 * (e - bayes_optimal_error(a, delta, rho)) for a, e in zip(ta, te)],
+            ":",
+            color=col,
+            lw=2,
+            label=f"{name} (replica theory)",
+        )
+        axes[3].plot(ta, [100 * e for e in te], ":", color=col, lw=2, label=f"{name} theory")
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axes[0].set_ylabel("eps_g - eps_BO  (pp, mean ± SE over seeds)")
     ax = axes[3]
     grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)

@@ -22,7 +22,9 @@ from scipy import stats
 
 __all__ = ["FLATNESS_MEASURES", "kendall_by_alpha"]
 
-FLATNESS_MEASURES = {"sigma_star": 1.0, "local_energy": -1.0}  # sign: larger = flatter
+# sign: larger = flatter; free_entropy (Phi <= 0 up to errors removed by noise) is measured only
+# with ``--free-entropy``
+FLATNESS_MEASURES = {"sigma_star": 1.0, "local_energy": -1.0, "free_entropy": 1.0}
 
 
 def _tau(flat: np.ndarray, eps: np.ndarray) -> float:
@@ -69,12 +71,15 @@ def kendall_by_alpha(
         for r in rs:
             i = seeds.index(int(r["seed"]))  # type: ignore[arg-type]
             j = fits.index((str(r["estimator"]), str(r["stop"])))
-            flat[i, j] = sign * float(r[measure])  # type: ignore[arg-type]
+            try:
+                flat[i, j] = sign * float(r.get(measure))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                pass  # not measured in this row
             eps[i, j] = float(r["eps_g"])  # type: ignore[arg-type]
         with np.errstate(invalid="ignore"):
             tau = _tau(np.nanmean(flat, 0), np.nanmean(eps, 0))
             boot = []
-            for _ in range(n_boot):
+            for _ in range(n_boot if len(seeds) > 1 else 0):  # one seed: no interval
                 idx = rng.integers(0, len(seeds), len(seeds))
                 boot.append(_tau(np.nanmean(flat[idx], 0), np.nanmean(eps[idx], 0)))
         b = np.asarray(boot)
