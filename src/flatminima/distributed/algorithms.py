@@ -9,6 +9,11 @@
 Every rank draws the *same* minibatch stream as the single-process run (replica ``a`` reads
 stream ``a``, seeded ``seed * 1009 + a``) and keeps its slice, so the distributed run computes the
 single-process numbers up to floating-point rounding of the reductions.
+
+Gradient clipping (``cfg.grad_clip``) follows the single-process adapters: the replica's gradient
+(averaged over its ``G`` ranks, before the coupling) is clipped on its own; the data-parallel
+baselines clip the all-reduced gradient after each backward (the same on every rank, so the ranks
+stay in step).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flatminima.train.algorithms import (
     Batch,
     NextBatch,
     _gamma_scheduler,
+    clip_grad_norm_rows_,
 )
 from flatminima.train.config import TrainConfig
 
@@ -139,6 +145,10 @@ class DistributedReplicatedAlgorithm(Algorithm):
             self.scaler.update()
         else:
             loss.backward()
+            if self.cfg.grad_clip is not None:
+                # clip the replica's gradient: the mean over its G ranks, before the coupling
+                opt.average_gradients()
+                clip_grad_norm_rows_([opt.flat_grad.unsqueeze(0)], self.cfg.grad_clip)
             opt.step()
         return mean_over_ranks(float(loss.detach()), self.device)
 

@@ -4,13 +4,23 @@ An :class:`Algorithm` owns the model(s), the optimizer and the coupling schedule
 minibatches and gradient evaluations one optimizer step takes. The loop hands it a ``next_batch``
 callable (``next_batch(stream)`` returns the next ``(x, y)`` of data stream ``stream``: one stream,
 or one per replica for rSGD) and asks it for the models to evaluate.
+
+Gradient clipping (``cfg.grad_clip = max_norm``): every adapter rescales each minibatch gradient
+``g`` of one network, after backward and before the optimizer uses it, to
+``g * min(1, max_norm / (||g||_2 + 1e-6))`` with ``||g||_2`` the global L2 norm over all the
+network's parameters (``torch.nn.utils.clip_grad_norm_``). SGD: the step's gradient; SAM: both
+passes (the first only sets the ascent direction ``g / ||g||``, which a uniform rescale leaves as
+it is; the second's gradient is the step); eSGD: each inner step's minibatch gradient, before the
+coupling ``gamma (w' - x)`` is added; rSGD: each replica's gradient separately, before the
+coupling (:func:`clip_grad_norm_rows_`). The coupling and weight decay are never clipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +33,53 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 NextBatch = Callable[[int], Batch]
+
+#: added to the norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``
+CLIP_EPS = 1e-6
+
+
+@torch.no_grad()
+def clip_grad_norm_rows_(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    r"""Clip the gradient of each replica (row) to a global L2 norm of at most ``max_norm``.
+
+    The gradients of ``y`` replicas are given as flat buffers ``grads[k]`` of shape ``[y, N_k]``
+    (one per dtype/device, as in :class:`flatminima.optim.Replicas`; row ``a`` of every buffer
+    belongs to replica ``a``). With :math:`n_a = \sqrt{\sum_k \|g_k[a]\|_2^2}`, every row is
+    scaled in place::
+
+        factor_a = min(1, max_norm / (n_a + 1e-6))
+        g_k[a] <- factor_a * g_k[a]
+
+    which is ``torch.nn.utils.clip_grad_norm_`` applied to each replica on its own: a replica
+    with a large gradient does not shrink the others' (as clipping the joint norm over all
+    replicas would).
+
+    Args:
+        grads: flat gradient buffers, each ``[y, N_k]`` with the same ``y``.
+        max_norm: the largest norm a row may keep (> 0).
+
+    Returns:
+        The row norms :math:`n_a` before clipping, shape ``[y]`` (on the first buffer's device).
+
+    Raises:
+        ValueError: if ``max_norm`` is not a finite number > 0, or the buffers are not 2-d with
+            a common number of rows.
+    """
+    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"Invalid max_norm value: {max_norm!r} (must be a finite number > 0)")
+    grads = list(grads)
+    if not grads:
+        raise ValueError("clip_grad_norm_rows_ got no gradient buffers")
+    if any(g.dim() != 2 or g.shape[0] != grads[0].shape[0] for g in grads):
+        shapes = [tuple(g.shape) for g in grads]
+        raise ValueError(f"expected [y, N] buffers with a common y, got shapes {shapes}")
+    device = grads[0].device
+    row_norms = [torch.linalg.vector_norm(g, 2, dim=1).to(device) for g in grads]
+    norms = row_norms[0] if len(row_norms) == 1 else torch.stack(row_norms).norm(2, dim=0)
+    factor = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(device=g.device, dtype=g.dtype)[:, None])
+    return norms
 
 
 class Algorithm:
@@ -51,6 +108,22 @@ class Algorithm:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.gamma_scheduler: Any = None
+        if cfg.grad_clip is not None and self.scaler is not None:
+            raise ValueError(
+                f"grad_clip={cfg.grad_clip!r} is not supported with amp='fp16': "
+                "use amp=bf16 or none"
+            )
+
+    def clip_gradients(self) -> None:
+        """Clip the model's minibatch gradient to global L2 norm ``cfg.grad_clip`` (None: no-op).
+
+        ``g <- g * min(1, grad_clip / (||g||_2 + 1e-6))`` over all parameters
+        (``torch.nn.utils.clip_grad_norm_``); call it after backward, before the optimizer
+        reads the gradient.
+        """
+        if self.cfg.grad_clip is not None:
+            # foreach=None: the fused kernels on CPU and CUDA, the per-tensor loop elsewhere
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -91,6 +164,7 @@ class Algorithm:
             self.scaler.update()
         else:
             loss.backward()
+            self.clip_gradients()
             self.optimizer.step()
         return float(loss.detach())
 
@@ -168,6 +242,7 @@ class EntropySGDAlgorithm(Algorithm):
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
+                self.clip_gradients()  # each inner step's minibatch gradient
             return loss.detach()
 
         if self.scaler is not None:
@@ -208,6 +283,7 @@ class SAMAlgorithm(Algorithm):
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
+                self.clip_gradients()  # both passes (the first: direction unchanged)
             first.append(float(loss.detach()))
             return loss.detach()
 
@@ -265,8 +341,19 @@ class ReplicatedSGDAlgorithm(Algorithm):
             self.scaler.update()
         else:
             total.backward()
+            self.clip_gradients()
             self.optimizer.step()
         return float(total.detach()) / len(self.replicas)
+
+    def clip_gradients(self) -> None:
+        """Clip each replica's gradient to norm ``cfg.grad_clip`` on its own (None: no-op).
+
+        Per replica ``a``: ``g_a <- g_a * min(1, grad_clip / (||g_a||_2 + 1e-6))``, on the flat
+        ``[y, N]`` gradient buffers (:func:`clip_grad_norm_rows_`), before the coupling is added.
+        """
+        if self.cfg.grad_clip is not None:
+            self.replicas.sync_grads()
+            clip_grad_norm_rows_(self.replicas.flat_grads, self.cfg.grad_clip)
 
     def eval_models(self, recalibrate_data: Iterator[Batch] | None = None) -> dict[str, nn.Module]:
         center = self.replicas.center()

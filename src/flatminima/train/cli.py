@@ -26,6 +26,8 @@ _HELP = {
     "flatness_epochs": "epochs at which to measure the local energy (-1: last), e.g. '1,5,-1'",
     "amp": "none, bf16 or fp16",
     "bn": "rSGD centre BatchNorm statistics: average or recalibrate",
+    "grad_clip": "max global L2 norm of each minibatch gradient (per network; per replica for "
+    "rsgd, before the coupling); default: no clipping",
 }
 
 

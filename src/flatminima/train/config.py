@@ -62,6 +62,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
     lr_decay: float = 0.1
+    # max global L2 norm of each minibatch gradient, per network / per replica; None: no clipping
+    grad_clip: float | None = None
     # coupling (eSGD, rSGD): gamma_t = gamma * (1 + gamma1)^t, grown by `gamma_growth` over the run
     gamma: float = 1e-3
     gamma_growth: float = 1.0
@@ -185,6 +187,7 @@ class TrainConfig:
             "eval_points",
         ):
             positive(name, allow_zero=True)
+        self._validate_grad_clip()
         if self.val_size >= 1 and int(self.val_size) != self.val_size:
             raise ValueError(
                 f"Invalid val_size value: {self.val_size!r} (a fraction in [0, 1) "
@@ -217,6 +220,28 @@ class TrainConfig:
             raise ValueError(f"Invalid data_kwargs {self.data_kwargs!r}: must be a mapping")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"Invalid model_kwargs {self.model_kwargs!r}: must be a mapping")
+
+    def _validate_grad_clip(self) -> None:
+        """``grad_clip``: None or a finite number > 0, and not with ``amp="fp16"``."""
+        value = self.grad_clip
+        if value is None:
+            return
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        )
+        if not ok:
+            raise ValueError(
+                f"Invalid grad_clip value: {value!r} (must be None or a finite number > 0, "
+                "the max L2 norm of each minibatch gradient)"
+            )
+        if self.amp == "fp16":
+            raise ValueError(
+                f"grad_clip={value!r} is not supported with amp='fp16' (the gradients would "
+                "have to be unscaled inside the optimizers' closures): use amp=bf16 or none"
+            )
 
 
 def parse_value(text: str) -> Any:
