@@ -50,6 +50,13 @@ _ERR_COLOUR = {
 }
 
 
+def _num(val: object) -> float:
+    try:
+        return float(val)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _style(name: str) -> tuple[str, str]:
     base = name.rsplit("_", 1)[0] if _family(name) else name
     col, mk = _ALG_STYLE.get(base, ("grey", "x"))
@@ -164,8 +171,9 @@ def plot_flatness_vs_eps(
     path: str | os.PathLike[str],
     taus: dict[str, Sequence[dict[str, float]]] | None = None,
 ) -> None:
-    """Per alpha (columns): matched-error ``sigma*`` and raw local energy (rows) against
-    ``eps_g``, one point per fit (mean ± SE over seeds); Kendall tau in the titles if given."""
+    """Per alpha (columns): matched-error ``sigma*``, raw local energy and, when measured, the
+    local free entropy (rows) against ``eps_g``, one point per fit (mean ± SE over seeds);
+    Kendall tau in the titles if given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,11 +183,16 @@ def plot_flatness_vs_eps(
     fits = sorted(
         {(str(r["estimator"]), str(r["stop"])) for r in rows}, key=lambda f: (_family(f[0]), f)
     )
-    measures = (
+    measures: tuple[tuple[str, str], ...] = (
         ("sigma_star", "sigma* at matched train error (flatter ↑)"),
         ("local_energy", "raw local energy dE(0.5) (flatter ↓)"),
     )
-    fig, axes = plt.subplots(2, len(alphas), figsize=(3.6 * len(alphas) + 3, 7), squeeze=False)
+    if any(np.isfinite(_num(r.get("free_entropy"))) for r in rows):
+        measures += (("free_entropy", "local free entropy Phi (flatter ↑)"),)
+    n_rows = len(measures)
+    fig, axes = plt.subplots(
+        n_rows, len(alphas), figsize=(3.6 * len(alphas) + 3, 3.5 * n_rows), squeeze=False
+    )
     for j, a in enumerate(alphas):
         for name, stop in fits:
             rs = [
@@ -194,7 +207,7 @@ def plot_flatness_vs_eps(
             col, mk = _style(name)
             eps = 100 * np.array([float(r["eps_g"]) for r in rs])  # type: ignore[arg-type]
             for i, (key, _) in enumerate(measures):
-                f = np.array([float(r[key]) for r in rs])  # type: ignore[arg-type]
+                f = np.array([_num(r.get(key)) for r in rs])
                 f = f[np.isfinite(f)]
                 se = lambda x: x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else 0.0  # noqa: E731
                 lab = name if stop == "closed" else f"{name} ({stop})"
@@ -219,7 +232,7 @@ def plot_flatness_vs_eps(
             axes[i, j].set_title(f"alpha={a:g}{t}", fontsize=9)
             if j == 0:
                 axes[i, j].set_ylabel(ylab, fontsize=9)
-        axes[1, j].set_xlabel("eps_g (%)")
+        axes[n_rows - 1, j].set_xlabel("eps_g (%)")
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(
         handles,
