@@ -141,6 +141,25 @@ def test_label_noise_exact_fraction_never_same(fraction):
     assert torch.equal(again.train.y, noisy.train.y)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_label_noise_is_independent_of_the_loader_order(seed):
+    # Regression: the flip order used to be drawn from the same seed stream as the loader's
+    # epoch 2 (seed 0), so that epoch began with every flipped sample. The trainer's loader for
+    # data seed s uses seed s * 1009 (+ replica stream); in every early epoch the flipped
+    # samples must be spread through the epoch, not bunched at its start.
+    from flatminima.data import TensorLoader
+
+    kw = dict(dim=5, num_train=2000, num_test=10, num_classes=5, seed=seed)
+    clean = load_dataset("teacher-student", **kw).train
+    noisy = load_dataset("teacher-student", label_noise=0.4, **kw).train
+    flipped = (noisy.y != clean.y).double()
+    loader = TensorLoader(noisy, batch_size=100, shuffle=True, drop_last=True, seed=seed * 1009)
+    for epoch in range(8):
+        order = loader._order(epoch)
+        first = flipped[order[:800]].mean().item()  # the first 40 % of the epoch
+        assert abs(first - 0.4) < 0.08, (epoch, first)
+
+
 def test_label_noise_uniform_over_other_classes():
     kw = dict(dim=5, num_train=9000, num_test=10, num_classes=4, seed=0)
     clean = load_dataset("teacher-student", **kw).train.y

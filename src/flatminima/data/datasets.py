@@ -30,7 +30,13 @@ logger = logging.getLogger(__name__)
 
 # Seed streams: each random step has its own generator so that, e.g., changing train_subset
 # leaves the validation split unchanged.
-_STREAM_VAL, _STREAM_SUBSET, _STREAM_NOISE_WHO, _STREAM_NOISE_WHAT, _STREAM_DIGITS = range(5)
+_STREAM_VAL, _STREAM_SUBSET, _STREAM_DIGITS = 0, 1, 4
+# The label-noise streams live far from 0, 1, 2, ...: TensorLoader draws epoch e's order from
+# SeedSequence([seed, e]) over the same training set, so a small stream id s made epoch s's order
+# of a run whose loader seed equals the data seed (seed 0) the flip order itself: that epoch
+# began with every flipped sample (all labels wrong) and ended with the clean ones. Ids 2 and 3
+# were used before this fix; the other ids never share a permutation size with the loader.
+_STREAM_NOISE_WHO, _STREAM_NOISE_WHAT = 0x6E6F6973, 0x6E6F6974
 
 
 class DatasetNotFoundError(FileNotFoundError):
