@@ -15,6 +15,7 @@ from flatminima.gmm.experiment import (
     DEFAULT_ESTIMATORS,
     ESTIMATORS,
     StudyConfig,
+    as_float,
     config_dict,
     run_study,
     summarize,
@@ -118,13 +119,6 @@ def _table(summary: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _finite(val: object) -> bool:
-    try:
-        return math.isfinite(float(val))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
 def _write_theory(theory: dict[str, list[ERMTheory]], path: str) -> None:
     fields = ["estimator", "loss", "lam", "alpha", "delta", "rho", "eps_g", "train_error"]
     fields += ["train_loss", "m", "q", "b", "V", "converged"]
@@ -188,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     )
     from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
 
-    measured = [m for m in FLATNESS_MEASURES if any(_finite(r.get(m)) for r in rows)]
+    measured = [
+        m for m in FLATNESS_MEASURES if any(math.isfinite(as_float(r.get(m))) for r in rows)
+    ]
     taus = {m: kendall_by_alpha(rows, m) for m in measured}
     with open(os.path.join(args.out, "kendall.json"), "w") as f:
         json.dump(taus, f, indent=1)

@@ -280,8 +280,8 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, object]]:
         return out
 
 
-def _num(val: object) -> float:
-    """A CSV cell as a float (``nan`` for a missing column or empty cell)."""
+def as_float(val: object) -> float:
+    """A CSV cell as a float (``nan`` for a missing column, an empty or a non-numeric cell)."""
     try:
         return float(val)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -370,7 +370,7 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
             "free_entropy",
             "angle_heb",
         ):
-            x = np.array([_num(r.get(k)) for r in rs], dtype=float)
+            x = np.array([as_float(r.get(k)) for r in rs], dtype=float)
             x = x[np.isfinite(x)]
             s[k] = float(x.mean()) if x.size else float("nan")
             s[k + "_se"] = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")

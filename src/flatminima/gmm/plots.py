@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from flatminima.gmm.experiment import as_float
 from flatminima.gmm.theory import bayes_optimal_error
 
 __all__ = ["plot_eps_vs_alpha", "plot_flatness_vs_eps"]
@@ -48,13 +49,6 @@ _ERR_COLOUR = {
     "rsgd_scoped": "maroon",
     "esgd": "magenta",
 }
-
-
-def _num(val: object) -> float:
-    try:
-        return float(val)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def _style(name: str) -> tuple[str, str]:
@@ -187,7 +181,7 @@ def plot_flatness_vs_eps(
         ("sigma_star", "sigma* at matched train error (flatter ↑)"),
         ("local_energy", "raw local energy dE(0.5) (flatter ↓)"),
     )
-    if any(np.isfinite(_num(r.get("free_entropy"))) for r in rows):
+    if any(np.isfinite(as_float(r.get("free_entropy"))) for r in rows):
         measures += (("free_entropy", "local free entropy Phi (flatter ↑)"),)
     n_rows = len(measures)
     fig, axes = plt.subplots(
@@ -207,7 +201,7 @@ def plot_flatness_vs_eps(
             col, mk = _style(name)
             eps = 100 * np.array([float(r["eps_g"]) for r in rs])  # type: ignore[arg-type]
             for i, (key, _) in enumerate(measures):
-                f = np.array([_num(r.get(key)) for r in rs])
+                f = np.array([as_float(r.get(key)) for r in rs])
                 f = f[np.isfinite(f)]
                 se = lambda x: x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else 0.0  # noqa: E731
                 lab = name if stop == "closed" else f"{name} ({stop})"

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+from flatminima.gmm.experiment import as_float
+
 __all__ = ["FLATNESS_MEASURES", "kendall_by_alpha"]
 
 # sign: larger = flatter; free_entropy (Phi <= 0 up to errors removed by noise) is measured only
@@ -71,10 +73,7 @@ def kendall_by_alpha(
         for r in rs:
             i = seeds.index(int(r["seed"]))  # type: ignore[arg-type]
             j = fits.index((str(r["estimator"]), str(r["stop"])))
-            try:
-                flat[i, j] = sign * float(r.get(measure))  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                pass  # not measured in this row
+            flat[i, j] = sign * as_float(r.get(measure))  # nan: not measured in this row
             eps[i, j] = float(r["eps_g"])  # type: ignore[arg-type]
         with np.errstate(invalid="ignore"):
             tau = _tau(np.nanmean(flat, 0), np.nanmean(eps, 0))
