@@ -15,7 +15,7 @@ tune_all() {  # $1 regime preset name, $2 extra tune flags; two tunes at a time 
   # SGD's learning rate is tuned first and becomes the base learning rate of every arm that has
   # none of its own (rSGD, SAM; eSGD keeps its outer lr 1 and inner lr); then each other arm
   # gets its own 4-point grid of its coupling / radius at that learning rate.
-  local r=$1 extra=$2 p=configs/fashion-$1.yaml d=$RUNS/$1
+  local r=$1 extra=$2 p=src/flatminima/presets/fashion-$1.yaml d=$RUNS/$1
   $FM tune --preset-file "$p" --optimizer sgd  --grid 'lr=0.01,0.02,0.05,0.1' $extra --out "$d/tune-sgd" --no-progress &
   $FM tune --preset-file "$p" --optimizer esgd --grid 'gamma=1e-3,1e-2,3e-2,1e-1' $extra --out "$d/tune-esgd" --no-progress
   wait
@@ -54,7 +54,7 @@ for r in "${regimes[@]}"; do
       tune_all "$r" "--val-size 200 --seeds 2"
       compare "$r" "$RUNS/$r/tuned.yaml" "--budget both" ;;
     large-batch)
-      compare "$r" "configs/fashion-large-batch.yaml" "--budget grad-evals" ;;
+      compare "$r" "src/flatminima/presets/fashion-large-batch.yaml" "--budget grad-evals" ;;
     *) echo "unknown regime '$r' (label-noise40, label-noise20, small-train, large-batch)" >&2; exit 2 ;;
   esac
 done

@@ -33,7 +33,7 @@ from flatminima.studies.correlation import study_points
 from flatminima.studies.presets import STUDY_KEYS
 from flatminima.train import TrainConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "flatminima" / "presets"
 
 TINY = dict(
     data="gmm",

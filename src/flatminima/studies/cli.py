@@ -25,7 +25,7 @@ def _names(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="preset name (configs/NAME.yaml; see the configs folder)")
+    p.add_argument("--preset", help="preset name (shipped in flatminima/presets/NAME.yaml, or ./configs/NAME.yaml)")
     p.add_argument("--preset-file", type=Path, help="preset YAML file (common: + per-optimizer)")
     p.add_argument("--data", help="data set (overrides the preset)")
     p.add_argument("--model", help="model name (overrides the preset)")
@@ -146,7 +146,9 @@ def register(subparsers: Any) -> None:
         "Hessian trace (and local free entropy for small networks), and report Kendall tau / "
         "Spearman rho with bootstrap intervals and scatter plots.",
     )
-    p.add_argument("--grid", type=Path, required=True, help="study grid YAML file")
+    p.add_argument(
+        "--grid", type=Path, required=True, help="study grid YAML file, or a shipped grid's name"
+    )
     p.add_argument("--data", help="data set (overrides the grid's base)")
     p.add_argument("--model", help="model (overrides the grid's base)")
     p.add_argument(

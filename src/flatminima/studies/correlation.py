@@ -203,7 +203,12 @@ def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"Study grid file not found: {path}")
+            from flatminima.studies.presets import find_preset
+
+            try:  # a shipped grid by name, e.g. "study-digits-mlp"
+                path = find_preset(str(spec))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Study grid file not found: {path}") from None
         values, where = yaml.safe_load(path.read_text()) or {}, str(path)
         if not isinstance(values, dict):
             raise ValueError(f"Study grid {where} must be a YAML mapping")

@@ -21,13 +21,16 @@ An *arm* is one compared setting: its label is either an optimizer name (``sgd``
 ``rsgd``, ``sam``) or a preset key whose mapping names an ``optimizer``. The configuration of arm
 ``a`` is ``TrainConfig.from_dict({**common, **preset[a], **overrides, "optimizer": ...})``.
 
-Presets are found by file path, else by name in ``./configs/NAME.yaml``, else in the
-``configs/`` folder of the source checkout (:func:`preset_dirs`).
+Presets are found by file path, else by name in ``$FLATMINIMA_CONFIGS/NAME.yaml``, else in
+``./configs/NAME.yaml``, else among the presets shipped inside the package
+(``flatminima/presets/*.yaml``, read through :mod:`importlib.resources`, so an installed wheel
+finds them as well as a source checkout; see :func:`preset_dirs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 import os
 import typing
@@ -51,6 +54,7 @@ __all__ = [
     "load_preset",
     "parse_grid",
     "parse_scalar",
+    "packaged_presets_dir",
     "preset_dirs",
 ]
 
@@ -69,17 +73,22 @@ _TOP_KEYS = ("study", "common", "description")
 
 
 def preset_dirs() -> list[Path]:
-    """Folders searched for ``NAME.yaml``: $FLATMINIMA_CONFIGS, ./configs, the checkout's."""
+    """Folders searched for ``NAME.yaml``: $FLATMINIMA_CONFIGS, ./configs, the package's presets."""
     dirs = []
     if os.environ.get("FLATMINIMA_CONFIGS"):
         dirs.append(Path(os.environ["FLATMINIMA_CONFIGS"]))
     dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parents[3] / "configs")  # src/flatminima/studies/..
+    dirs.append(packaged_presets_dir())
     out: list[Path] = []
     for d in dirs:
         if d not in out:
             out.append(d)
     return out
+
+
+def packaged_presets_dir() -> Path:
+    """The folder of the presets shipped with the package (``flatminima/presets``)."""
+    return Path(str(importlib.resources.files("flatminima.presets")))
 
 
 def list_presets() -> list[str]:
