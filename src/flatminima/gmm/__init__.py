@@ -1,6 +1,6 @@
 """Gaussian-mixture theory: data model, exact errors, Bayes-optimal error, estimators, flatness.
 
-See docs/gmm.md and DESIGN.md ("Gaussian mixture"); Pittorino et al., ICLR 2021
+See docs/gmm.md and docs/design.md ("Gaussian mixture"); Pittorino et al., ICLR 2021
 (arXiv:2006.07897), Sec. 3; Mignacco et al., ICML 2020 (arXiv:2002.11544).
 """
 

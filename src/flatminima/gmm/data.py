@@ -1,6 +1,6 @@
 """Data model of the Gaussian-mixture classification problem.
 
-Each sample is drawn as (DESIGN.md, "Gaussian mixture"; Mignacco, Krzakala, Lu, Zdeborova,
+Each sample is drawn as (docs/design.md, "Gaussian mixture"; Mignacco, Krzakala, Lu, Zdeborova,
 ICML 2020, arXiv:2002.11544; Pittorino et al., ICLR 2021, arXiv:2006.07897, Sec. 3)::
 
     y  = +1 with probability rho, -1 otherwise

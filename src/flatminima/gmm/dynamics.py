@@ -10,7 +10,7 @@ The model is ``u`` with ``sign(u . x + b)``, i.e. ``u = w / sqrt(N)`` in the not
   sharpened during training by ``T_t = T0 (T1 / T0)^(t / t_max)``.
 
 Algorithms (all from :mod:`flatminima.optim`; budgets counted in gradient evaluations, i.e.
-samples through backward, as in DESIGN.md):
+samples through backward, as in docs/design.md, "Budget units"):
 
 - ``sgd``: ``Replicas`` with y = 1 and ``ReplicatedSGD`` (exactly ``torch.optim.SGD``).
 - ``rsgd``: y replicas from independent initialisations, coupling ``gamma`` held fixed (finite

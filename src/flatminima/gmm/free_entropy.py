@@ -6,7 +6,7 @@ energy is the NUMBER of training errors,
     E(w) = sum_mu Theta(-y_mu h_mu),    h_mu = w . x_mu / sqrt(N) + b,
 
 with ``Theta(0) = 1`` (a sample on the boundary counts as an error, as in
-:func:`flatminima.gmm.flatness.training_error`), and the local free entropy is (DESIGN.md,
+:func:`flatminima.gmm.flatness.training_error`), and the local free entropy is (docs/design.md,
 "Flatness measures"; Pittorino et al., ICLR 2021, arXiv:2006.07897; Baldassi et al., PNAS 2016)
 
     Phi(w; gamma, beta) = log E_{w' ~ N(w, I_N / (beta gamma))} exp(-beta (E(w') - E(w))).

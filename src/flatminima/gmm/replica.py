@@ -6,7 +6,7 @@ equations follow from the cavity method / convex Gaussian min-max theorem. For t
 
     (w, b) = argmin  sum_mu l(y_mu, h_mu) + lam/2 ||w||^2,   h_mu = w . x_mu / sqrt(N) + b,
 
-on ``P = alpha N`` samples ``x = y v / sqrt(N) + sqrt(Delta) z`` (DESIGN.md, "Gaussian mixture"),
+on ``P = alpha N`` samples ``x = y v / sqrt(N) + sqrt(Delta) z`` (docs/design.md, "Gaussian mixture"),
 the overlaps ``m = w . v / N``, ``q = ||w||^2 / N`` and the bias ``b`` concentrate on the fixed
 point of (margin form: ``u = y omega``, ``t = y eta``)
 
@@ -22,7 +22,7 @@ is the proximal map of its leave-one-out field ``omega``; stationarity in ``w`` 
 ``v`` and on the orthogonal noise gives ``m`` and ``q`` (the ``Delta V_hat`` term is the Onsager
 reaction of each sample on its own field). Then
 
-    eps_g = generalization_error(m, q, b, Delta, rho)      (exact formula, DESIGN.md),
+    eps_g = generalization_error(m, q, b, Delta, rho)      (exact formula, docs/design.md),
     training error = P(t(u) < 0),  training loss per sample = E[l(t(u))].
 
 Expectations over ``xi``: truncated-Gaussian closed forms for the hinge (its proximal map has

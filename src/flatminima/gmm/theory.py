@@ -1,6 +1,6 @@
 """Exact errors of linear classifiers on the Gaussian mixture, and the Bayes-optimal error.
 
-Notation (DESIGN.md, "Gaussian mixture"): a linear classifier predicts
+Notation (docs/design.md, "Gaussian mixture"): a linear classifier predicts
 ``sign(w . x / sqrt(N) + b)``; its overlaps with the centre are ``m = w . v / N`` and
 ``q = ||w||^2 / N``. For a fresh sample ``x = y v / sqrt(N) + sqrt(Delta) z`` the pre-activation
 is ``y m + b + sqrt(Delta q) g`` with ``g ~ N(0, 1)``, hence exactly
