@@ -1,6 +1,6 @@
 """Plain per-tensor reference implementations of the updates (ground truth for tests).
 
-Written to mirror DESIGN.md line by line, with no foreach, no flat buffers and no numerical
+Written to mirror the update rules of docs/design.md ("Algorithms") line by line, with no foreach, no flat buffers and no numerical
 reformulation (Entropy-SGD keeps ``w'`` and ``mu`` themselves, not offsets). The fast optimizers
 are tested against these in float64.
 """

@@ -57,7 +57,7 @@ class Replicas(nn.Module):
     The trainable parameters of all replicas live in one flat tensor of shape ``[y, N]`` per
     (dtype, device), and so do their gradients; each replica's ``nn.Parameter`` is a view into
     its row. The coupling and the optimizer step then cost a few whole-buffer kernels instead of
-    a Python loop over tensors and replicas (see DESIGN.md, performance notes). Moving the module
+    a Python loop over tensors and replicas (see docs/design.md, "Performance notes"). Moving the module
     (``.to()``, ``.double()``) re-flattens the buffers: create the optimizer afterwards.
 
     Iterating or indexing yields the replica modules; ``len()`` is ``y``.
