@@ -243,29 +243,9 @@ def local_energy(
         >>> r.delta_loss[0]
         0.0
     """
-    sig = [float(sigmas)] if isinstance(sigmas, (int, float)) else [float(s) for s in sigmas]
-    if not sig:
-        raise ValueError("sigmas is empty; give at least one noise strength >= 0")
-    for s in sig:
-        if not math.isfinite(s) or s < 0:
-            raise ValueError(f"sigma must be finite and >= 0, got {s}")
-    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
-        raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
-    if noise not in _VALID_NOISE:
-        raise ValueError(f"noise must be one of {_VALID_NOISE}, got {noise!r}")
-    if bn not in _VALID_BN:
-        raise ValueError(f"bn must be one of {_VALID_BN}, got {bn!r}")
+    sig = _check_args(sigmas, n_draws, noise, bn)
     chosen = select_parameters(model, params)
-    mdev = model_device(model)
-    dev = mdev if device is None else torch.device(device)
-    if dev.type != mdev.type or (
-        dev.index is not None and mdev.index is not None and dev.index != mdev.index
-    ):
-        raise ValueError(
-            f"device={device!r} differs from the model's device {mdev}; move the "
-            "model first (measures never move models)"
-        )
-
+    dev = _measure_device(model, device)
     with preserve_state(model, params=False):
         # inside the RNG guard: iterating a shuffling DataLoader draws from the global RNG
         batches = materialize_batches(
@@ -285,36 +265,110 @@ def local_energy(
         try:
             if recal:
                 recalibrate_bn(model, bn_batches)
-            base_loss, base_err = evaluate_batches(
-                model, batches, loss_fn, classification=classification
+            base = evaluate_batches(model, batches, loss_fn, classification=classification)
+            loss_draws, err_draws = _draws(
+                model,
+                batches,
+                loss_fn,
+                classification,
+                sig,
+                n_draws,
+                seed,
+                perturber,
+                bn_batches if recal else None,
+                base,
             )
-            # draw-major loop: xi_d is generated once and reused for every sigma (common random
-            # numbers; noise generation costs once per draw, not per (draw, sigma))
-            loss_draws: list[list[float]] = [[] for _ in sig]
-            err_draws: list[list[float]] = [[] for _ in sig]
-            nonzero = [i for i, s in enumerate(sig) if s != 0.0]
-            for i, s in enumerate(sig):
-                if s == 0.0:  # w * (1 + 0 xi) == w exactly: no need to evaluate
-                    loss_draws[i] = [base_loss] * n_draws
-                    err_draws[i] = [base_err if base_err is not None else math.nan] * n_draws
-            for d in range(n_draws if nonzero else 0):
-                xi = perturber.draw(seed + d)
-                for i in nonzero:
-                    perturber.apply_(sig[i], xi)
-                    if recal:
-                        recalibrate_bn(model, bn_batches)
-                    lv, ev = evaluate_batches(
-                        model, batches, loss_fn, classification=classification
-                    )
-                    loss_draws[i].append(lv)
-                    err_draws[i].append(ev if ev is not None else math.nan)
-                del xi
             logger.debug(
                 "local_energy: %d sigmas x %d draws on %d samples", len(sig), n_draws, n_samples
             )
         finally:
             perturber.restore_()
+    return _result(sig, loss_draws, err_draws, base, classification, n_draws, n_samples, noise, bn)
 
+
+def _check_args(sigmas: Sequence[float] | float, n_draws: int, noise: str, bn: str) -> list[float]:
+    """Validate the arguments of :func:`local_energy`; return the sigmas as floats."""
+    sig = [float(sigmas)] if isinstance(sigmas, (int, float)) else [float(s) for s in sigmas]
+    if not sig:
+        raise ValueError("sigmas is empty; give at least one noise strength >= 0")
+    for s in sig:
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"sigma must be finite and >= 0, got {s}")
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
+        raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+    if noise not in _VALID_NOISE:
+        raise ValueError(f"noise must be one of {_VALID_NOISE}, got {noise!r}")
+    if bn not in _VALID_BN:
+        raise ValueError(f"bn must be one of {_VALID_BN}, got {bn!r}")
+    return sig
+
+
+def _measure_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device to measure on: the model's; a different ``device`` is refused."""
+    mdev = model_device(model)
+    dev = mdev if device is None else torch.device(device)
+    if dev.type != mdev.type or (
+        dev.index is not None and mdev.index is not None and dev.index != mdev.index
+    ):
+        raise ValueError(
+            f"device={device!r} differs from the model's device {mdev}; move the "
+            "model first (measures never move models)"
+        )
+    return dev
+
+
+def _draws(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: LossFn,
+    classification: bool,
+    sig: list[float],
+    n_draws: int,
+    seed: int,
+    perturber: NoisePerturber,
+    bn_batches: Batches | None,
+    base: tuple[float, float | None],
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Loss and error of every (sigma, draw), draw-major.
+
+    xi_d is generated once per draw and reused for every sigma (common random numbers; noise
+    generation costs once per draw, not per (draw, sigma)). ``bn_batches`` set means BatchNorm
+    statistics are recalibrated after each perturbation.
+    """
+    base_loss, base_err = base
+    loss_draws: list[list[float]] = [[] for _ in sig]
+    err_draws: list[list[float]] = [[] for _ in sig]
+    nonzero = [i for i, s in enumerate(sig) if s != 0.0]
+    for i, s in enumerate(sig):
+        if s == 0.0:  # w * (1 + 0 xi) == w exactly: no need to evaluate
+            loss_draws[i] = [base_loss] * n_draws
+            err_draws[i] = [base_err if base_err is not None else math.nan] * n_draws
+    for d in range(n_draws if nonzero else 0):
+        xi = perturber.draw(seed + d)
+        for i in nonzero:
+            perturber.apply_(sig[i], xi)
+            if bn_batches is not None:
+                recalibrate_bn(model, bn_batches)
+            lv, ev = evaluate_batches(model, batches, loss_fn, classification=classification)
+            loss_draws[i].append(lv)
+            err_draws[i].append(ev if ev is not None else math.nan)
+        del xi
+    return loss_draws, err_draws
+
+
+def _result(
+    sig: list[float],
+    loss_draws: list[list[float]],
+    err_draws: list[list[float]],
+    base: tuple[float, float | None],
+    classification: bool,
+    n_draws: int,
+    n_samples: int,
+    noise: str,
+    bn: str,
+) -> LocalEnergyResult:
+    """Means and standard errors over draws of the increases over the unperturbed values."""
+    base_loss, base_err = base
     dl, dl_se, de, de_se = [], [], [], []
     for ls, es in zip(loss_draws, err_draws):
         m, se = mean_and_stderr([v - base_loss for v in ls])
