@@ -187,6 +187,94 @@ def _check_common(
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
 
 
+@dataclass
+class _Chains:
+    """State of ``n_chains`` Langevin chains on flat ``[n_chains, D]`` states.
+
+    ``x`` the positions, ``de`` their energies above the base energy (float64), ``g`` the
+    energy gradients, ``log_h`` the per-chain log step sizes (adapted during burn-in).
+    """
+
+    x: Tensor
+    de: Tensor
+    g: Tensor
+    log_h: Tensor
+
+
+@dataclass
+class _Target:
+    """The tilted measure ``p_t(x) ~ N(x; w, I/prec) exp(-t beta (E(x) - E(w)))``."""
+
+    energy_and_grad: EnergyGrad
+    w: Tensor
+    prec: float
+    beta: float
+    base_energy: float
+    gen: torch.Generator
+
+    def delta_energy(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        e, g = self.energy_and_grad(x)
+        return e.double() - self.base_energy, g
+
+    def logp_grad(self, x: Tensor, de: Tensor, g: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        diff = x - self.w
+        logp = -0.5 * self.prec * (diff.double() ** 2).sum(1) - t * self.beta * de
+        return logp, -self.prec * diff - (t * self.beta) * g
+
+
+def _sample_node(
+    target: _Target,
+    ch: _Chains,
+    t: float,
+    *,
+    mala: bool,
+    adapt: bool,
+    target_accept: float,
+    burn_in: int,
+    n_steps: int,
+) -> tuple[Tensor, Tensor]:
+    """Run the chains at temperature node ``t``; return the per-chain sums of ``dE`` and of the
+    acceptance probability over the ``n_steps`` steps after ``burn_in``."""
+    n_chains, dim = ch.x.shape
+    dev, dtype = ch.x.device, ch.x.dtype
+    logp, glp = target.logp_grad(ch.x, ch.de, ch.g, t)
+    sum_de = torch.zeros(n_chains, dtype=torch.float64, device=dev)
+    sum_acc = torch.zeros(n_chains, dtype=torch.float64, device=dev)
+    for k in range(burn_in + n_steps):
+        h = ch.log_h.exp()
+        hd = h.to(dtype)
+        mean_fwd = ch.x + hd * glp
+        noise = torch.randn(n_chains, dim, generator=target.gen, device=dev, dtype=dtype)
+        y = mean_fwd + (2.0 * hd).sqrt() * noise
+        de_y, g_y = target.delta_energy(y)
+        if mala:
+            logp_y, glp_y = target.logp_grad(y, de_y, g_y, t)
+            mean_bwd = y + hd * glp_y
+            log_q_fwd = -((y - mean_fwd).double() ** 2).sum(1) / (4.0 * h[:, 0])
+            log_q_bwd = -((ch.x - mean_bwd).double() ** 2).sum(1) / (4.0 * h[:, 0])
+            log_ratio = torch.nan_to_num(logp_y - logp + log_q_bwd - log_q_fwd, nan=-math.inf)
+            prob = log_ratio.clamp(max=0.0).exp()
+            u = torch.rand(n_chains, generator=target.gen, device=dev, dtype=torch.float64)
+            acc = u < prob
+            a = acc.unsqueeze(1)
+            ch.x = torch.where(a, y, ch.x)
+            ch.g = torch.where(a, g_y, ch.g)
+            glp = torch.where(a, glp_y, glp)
+            ch.de = torch.where(acc, de_y, ch.de)
+            logp = torch.where(acc, logp_y, logp)
+            if adapt and k < burn_in:
+                # Robbins-Monro on log h towards the target acceptance (burn-in only)
+                ch.log_h += (prob.unsqueeze(1) - target_accept) * (1.0 / math.sqrt(1.0 + k))
+        else:
+            ch.x, ch.g, ch.de = y, g_y, de_y
+            prob = torch.full((n_chains,), math.nan, dtype=torch.float64, device=dev)
+            logp, glp = target.logp_grad(ch.x, ch.de, ch.g, t)
+        if k >= burn_in:
+            sum_de += ch.de
+            sum_acc += prob
+    return sum_de, sum_acc
+
+
 @torch.no_grad()
 def _integrate(
     energy_and_grad: EnergyGrad,
@@ -216,64 +304,32 @@ def _integrate(
     base_energy = float(e0.reshape(-1)[0])
     if not math.isfinite(base_energy):
         raise ValueError(f"energy at w is not finite: {base_energy}")
+    target = _Target(energy_and_grad, w, prec, beta, base_energy, gen)
     nodes, weights = tilted_quadrature(n_t, t_power)
     mala = method == "mala"
     if step_size is None:
         # MALA: a D^{-1/3} fraction of the prior variance, then adapted; ULA: small (bias O(h)).
         step_size = (1.0 / prec) * (dim ** (-1.0 / 3.0) if mala else 0.05)
     log_h = torch.full((n_chains, 1), math.log(step_size), device=dev, dtype=torch.float64)
-
     # exact draws from p_0 = N(w, I / (beta gamma))
     x = w + torch.randn(n_chains, dim, generator=gen, device=dev, dtype=dtype) / math.sqrt(prec)
-    e, g = energy_and_grad(x)
-    de = e.double() - base_energy
-
-    def logp_grad(x_: Tensor, de_: Tensor, g_: Tensor, t: float) -> tuple[Tensor, Tensor]:
-        diff = x_ - w
-        logp = -0.5 * prec * (diff.double() ** 2).sum(1) - t * beta * de_
-        return logp, -prec * diff - (t * beta) * g_
+    de, g = target.delta_energy(x)
+    chains = _Chains(x, de, g, log_h)
 
     chain_means = torch.zeros(n_chains, n_t, dtype=torch.float64, device=dev)
     acc_rates: list[float] = []
     used_h: list[float] = []
     for j, t in enumerate(nodes.tolist()):
-        logp, glp = logp_grad(x, de, g, t)
-        sum_de = torch.zeros(n_chains, dtype=torch.float64, device=dev)
-        sum_acc = torch.zeros(n_chains, dtype=torch.float64, device=dev)
-        for k in range(burn_in + n_steps):
-            h = log_h.exp()
-            hd = h.to(dtype)
-            mean_fwd = x + hd * glp
-            noise = torch.randn(n_chains, dim, generator=gen, device=dev, dtype=dtype)
-            y = mean_fwd + (2.0 * hd).sqrt() * noise
-            e_y, g_y = energy_and_grad(y)
-            de_y = e_y.double() - base_energy
-            if mala:
-                logp_y, glp_y = logp_grad(y, de_y, g_y, t)
-                mean_bwd = y + hd * glp_y
-                log_q_fwd = -((y - mean_fwd).double() ** 2).sum(1) / (4.0 * h[:, 0])
-                log_q_bwd = -((x - mean_bwd).double() ** 2).sum(1) / (4.0 * h[:, 0])
-                log_ratio = logp_y - logp + log_q_bwd - log_q_fwd
-                log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)
-                prob = log_ratio.clamp(max=0.0).exp()
-                u = torch.rand(n_chains, generator=gen, device=dev, dtype=torch.float64)
-                acc = u < prob
-                a = acc.unsqueeze(1)
-                x = torch.where(a, y, x)
-                g = torch.where(a, g_y, g)
-                glp = torch.where(a, glp_y, glp)
-                de = torch.where(acc, de_y, de)
-                logp = torch.where(acc, logp_y, logp)
-                if adapt and k < burn_in:
-                    # Robbins-Monro on log h towards the target acceptance (burn-in only)
-                    log_h += (prob.unsqueeze(1) - target_accept) * (1.0 / math.sqrt(1.0 + k))
-            else:
-                x, g, de = y, g_y, de_y
-                prob = torch.full((n_chains,), math.nan, dtype=torch.float64, device=dev)
-                logp, glp = logp_grad(x, de, g, t)
-            if k >= burn_in:
-                sum_de += de
-                sum_acc += prob
+        sum_de, sum_acc = _sample_node(
+            target,
+            chains,
+            t,
+            mala=mala,
+            adapt=adapt,
+            target_accept=target_accept,
+            burn_in=burn_in,
+            n_steps=n_steps,
+        )
         if not torch.isfinite(sum_de).all():
             raise FloatingPointError(
                 f"non-finite energy at t={t:.4g}: lower step_size (now {step_size:g}) or "
@@ -281,7 +337,7 @@ def _integrate(
             )
         chain_means[:, j] = sum_de / n_steps
         acc_rates.append(float(sum_acc.mean() / n_steps))
-        used_h.append(float(log_h.exp().mean()))
+        used_h.append(float(chains.log_h.exp().mean()))
         logger.debug("t=%.4f <dE>=%.6g acc=%.3f", t, float(chain_means[:, j].mean()), acc_rates[-1])
 
     wts = torch.as_tensor(weights, dtype=torch.float64, device=dev)
