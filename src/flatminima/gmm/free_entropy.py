@@ -298,103 +298,34 @@ def local_free_entropy(
     """
     w, b, X, y = _check_data(w, b, X, y)
     gamma, beta = _check_pos("gamma", gamma), _check_pos("beta", beta)
-    n_temps = _check_count("n_temps", n_temps, 1)
-    n_steps = _check_count("n_steps", n_steps, 1)
-    n_chains = _check_count("n_chains", n_chains, 2)
-    burn_in = _check_count("burn_in", burn_in, 0)
-    if block_size is not None:
-        block_size = _check_count("block_size", block_size, 1)
-    if not (isinstance(t_power, int | float) and math.isfinite(t_power) and t_power >= 1):
-        raise ValueError(f"Invalid t_power value: {t_power!r} (expected a finite number >= 1)")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"Invalid seed value: {seed!r} (expected an int >= 0)")
+    n_temps, n_steps, n_chains, burn_in, block_size = _check_sampler_args(
+        n_temps, n_steps, n_chains, burn_in, block_size, t_power, seed
+    )
     w, b, scale = _normalize(w, b, normalize)
-    p, n = X.shape
+    n = X.shape[1]
     bsz = n if block_size is None else min(block_size, n)
-    full = bsz == n
-
-    rng = np.random.default_rng(seed)
-    sigma = 1.0 / math.sqrt(beta * gamma)
-    # AyT [N, P]: row i is y_mu X_mu,i / sqrt(N) for all mu, rows in a random order so that
-    # contiguous row slices are random blocks of coordinates (the prior is isotropic).
-    perm = rng.permutation(n) if not full else np.arange(n)
-    AyT = np.ascontiguousarray((X[:, perm] * (y / math.sqrt(n))[:, None]).T)
-    margin = y * (X @ w / math.sqrt(n) + b)  # [P]
-    e0 = int(np.sum(margin <= 0))
     prior_de = prior_delta_energy(w, b, X, y, gamma=gamma, beta=beta, normalize=False)
-    m = margin[:, None]
-
-    # exact draws from p_0 = prior: delta [N, C] (kept only for block moves), g = Ay delta [P, C]
-    delta = sigma * rng.standard_normal((n, n_chains))
-    g = AyT.T @ delta
-    if full:
-        delta = np.empty((0, n_chains))
-    de = _delta_energy(m, g, e0).astype(np.float64)
+    sampler = _SliceSampler(w, b, X, y, 1.0 / math.sqrt(beta * gamma), bsz, n_chains, seed)
 
     temps, weights = _quadrature(n_temps, beta, t_power)
-    starts = list(range(0, n, bsz))
-    block = 0
     sums = np.zeros((n_temps, n_chains))
     shrinks = np.zeros(n_temps)
-    two_pi = 2.0 * math.pi
     for j, t in enumerate(temps):
         for step in range(burn_in + n_steps):
-            lo_i = starts[block]
-            hi_i = min(lo_i + bsz, n)
-            block = (block + 1) % len(starts)
-            nu = sigma * rng.standard_normal((hi_i - lo_i, n_chains))
-            a_blk = AyT[lo_i:hi_i]
-            g_nu = a_blk.T @ nu  # [P, C]
-            # g' = g + (cos th - 1) g_b + sin th g_nu, with g_b = Ay_B delta_B (= g for full)
-            g_b = g if full else a_blk.T @ delta[lo_i:hi_i]
-            # slice level: accept iff -t dE' > -t dE + log U  <=>  dE' < dE - log(U) / t
-            thresh = de - np.log(rng.random(n_chains)) / t
-            # first angle uniform on the ellipse, bracket [th - 2 pi, th] shrunk towards th = 0
-            # (the current state) on rejection (Murray, Adams, MacKay 2010, Fig. 2)
-            th = rng.uniform(0.0, two_pi, n_chains)
-            th_lo, th_hi = th - two_pi, th.copy()
-            todo = np.arange(n_chains)
-            n_rej = 0
-            for _ in range(_MAX_SHRINKS):
-                every = todo.size == n_chains
-                c, s = np.cos(th[todo]), np.sin(th[todo])
-                if every:
-                    g_prop = g + (c - 1.0) * g_b + s * g_nu
-                else:
-                    g_prop = g[:, todo] + (c - 1.0) * g_b[:, todo] + s * g_nu[:, todo]
-                de_prop = _delta_energy(m, g_prop, e0)
-                ok = de_prop < thresh[todo]
-                acc = todo[ok]
-                if acc.size:
-                    g[:, acc] = g_prop if every and acc.size == n_chains else g_prop[:, ok]
-                    de[acc] = de_prop[ok]
-                    if not full:
-                        ca, sa = np.cos(th[acc]), np.sin(th[acc])
-                        delta[lo_i:hi_i, acc] = delta[lo_i:hi_i, acc] * ca + nu[:, acc] * sa
-                todo = todo[~ok]
-                if todo.size == 0:
-                    break
-                n_rej += todo.size
-                neg = th[todo] < 0
-                th_lo[todo] = np.where(neg, th[todo], th_lo[todo])
-                th_hi[todo] = np.where(neg, th_hi[todo], th[todo])
-                th[todo] = rng.uniform(th_lo[todo], th_hi[todo])
-            # chains still rejecting after _MAX_SHRINKS stay where they are (th -> 0 limit)
+            n_rej = sampler.step(t)
             if step >= burn_in:
-                sums[j] += de
+                sums[j] += sampler.de
                 shrinks[j] += n_rej / n_chains
         log.debug("t=%.4g <dE>=%.4g shrinks/step=%.3g", t, sums[j].mean() / n_steps, shrinks[j])
     means = sums / n_steps  # [T, C]
     chain_phi = -(weights @ means)
-    phi = float(chain_phi.mean())
-    phi_se = float(chain_phi.std(ddof=1) / math.sqrt(n_chains))
     return FreeEntropyResult(
-        phi=phi,
-        phi_se=phi_se,
+        phi=float(chain_phi.mean()),
+        phi_se=float(chain_phi.std(ddof=1) / math.sqrt(n_chains)),
         gamma=gamma,
         beta=beta,
         scale=scale,
-        base_energy=e0,
+        base_energy=sampler.e0,
         prior_delta_energy=prior_de,
         temps=tuple(float(x) for x in temps),
         weights=tuple(float(x) for x in weights),
@@ -409,3 +340,128 @@ def local_free_entropy(
         burn_in=burn_in,
         block_size=bsz,
     )
+
+
+def _check_sampler_args(
+    n_temps: int,
+    n_steps: int,
+    n_chains: int,
+    burn_in: int,
+    block_size: int | None,
+    t_power: float,
+    seed: int,
+) -> tuple[int, int, int, int, int | None]:
+    """Validate the sampler settings of :func:`local_free_entropy`."""
+    counts = (
+        _check_count("n_temps", n_temps, 1),
+        _check_count("n_steps", n_steps, 1),
+        _check_count("n_chains", n_chains, 2),
+        _check_count("burn_in", burn_in, 0),
+    )
+    if block_size is not None:
+        block_size = _check_count("block_size", block_size, 1)
+    if not (isinstance(t_power, int | float) and math.isfinite(t_power) and t_power >= 1):
+        raise ValueError(f"Invalid t_power value: {t_power!r} (expected a finite number >= 1)")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"Invalid seed value: {seed!r} (expected an int >= 0)")
+    return (*counts, block_size)
+
+
+class _SliceSampler:
+    """``n_chains`` elliptical-slice chains on the perturbation ``delta ~ N(0, sigma^2 I)``.
+
+    The state is held in field space: ``g = Ay delta`` [P, C] (the shift of every margin), and
+    ``de`` the number of extra training errors per chain. Each :meth:`step` moves one block of
+    ``bsz`` coordinates (all of them when ``bsz == N``; then ``delta`` itself is not stored).
+    """
+
+    def __init__(
+        self,
+        w: np.ndarray,
+        b: float,
+        X: np.ndarray,
+        y: np.ndarray,
+        sigma: float,
+        bsz: int,
+        n_chains: int,
+        seed: int,
+    ) -> None:
+        n = w.size
+        self.rng = np.random.default_rng(seed)
+        self.sigma, self.bsz, self.n_chains = sigma, bsz, n_chains
+        self.full = bsz == n
+        # AyT [N, P]: row i is y_mu X_mu,i / sqrt(N) for all mu, rows in a random order so that
+        # contiguous row slices are random blocks of coordinates (the prior is isotropic).
+        perm = self.rng.permutation(n) if not self.full else np.arange(n)
+        self.AyT = np.ascontiguousarray((X[:, perm] * (y / math.sqrt(n))[:, None]).T)
+        margin = y * (X @ w / math.sqrt(n) + b)  # [P]
+        self.e0 = int(np.sum(margin <= 0))
+        self.m = margin[:, None]
+        # exact draws from p_0 = prior: delta [N, C] (kept only for block moves), g = Ay delta
+        delta = sigma * self.rng.standard_normal((n, n_chains))
+        self.g = self.AyT.T @ delta
+        self.delta = np.empty((0, n_chains)) if self.full else delta
+        self.de = _delta_energy(self.m, self.g, self.e0).astype(np.float64)
+        self.starts = list(range(0, n, bsz))
+        self.block = 0
+
+    def step(self, t: float) -> int:
+        """One elliptical slice step of every chain at temperature ``t``; return the number of
+        rejected proposals (shrinks) summed over chains."""
+        lo_i = self.starts[self.block]
+        hi_i = min(lo_i + self.bsz, self.AyT.shape[0])
+        self.block = (self.block + 1) % len(self.starts)
+        nu = self.sigma * self.rng.standard_normal((hi_i - lo_i, self.n_chains))
+        a_blk = self.AyT[lo_i:hi_i]
+        g_nu = a_blk.T @ nu  # [P, C]
+        # g' = g + (cos th - 1) g_b + sin th g_nu, with g_b = Ay_B delta_B (= g for full)
+        g_b = self.g if self.full else a_blk.T @ self.delta[lo_i:hi_i]
+        # slice level: accept iff -t dE' > -t dE + log U  <=>  dE' < dE - log(U) / t
+        thresh = self.de - np.log(self.rng.random(self.n_chains)) / t
+        return self._shrink(thresh, g_b, g_nu, nu, lo_i, hi_i)
+
+    def _shrink(
+        self,
+        thresh: np.ndarray,
+        g_b: np.ndarray,
+        g_nu: np.ndarray,
+        nu: np.ndarray,
+        lo_i: int,
+        hi_i: int,
+    ) -> int:
+        """Propose angles until every chain accepts (or ``_MAX_SHRINKS``); first angle uniform
+        on the ellipse, bracket ``[th - 2 pi, th]`` shrunk towards ``th = 0`` (the current
+        state) on rejection (Murray, Adams, MacKay 2010, Fig. 2)."""
+        two_pi = 2.0 * math.pi
+        n_chains, g, de, rng = self.n_chains, self.g, self.de, self.rng
+        th = rng.uniform(0.0, two_pi, n_chains)
+        th_lo, th_hi = th - two_pi, th.copy()
+        todo = np.arange(n_chains)
+        n_rej = 0
+        for _ in range(_MAX_SHRINKS):
+            every = todo.size == n_chains
+            c, s = np.cos(th[todo]), np.sin(th[todo])
+            if every:
+                g_prop = g + (c - 1.0) * g_b + s * g_nu
+            else:
+                g_prop = g[:, todo] + (c - 1.0) * g_b[:, todo] + s * g_nu[:, todo]
+            de_prop = _delta_energy(self.m, g_prop, self.e0)
+            ok = de_prop < thresh[todo]
+            acc = todo[ok]
+            if acc.size:
+                g[:, acc] = g_prop if every and acc.size == n_chains else g_prop[:, ok]
+                de[acc] = de_prop[ok]
+                if not self.full:
+                    ca, sa = np.cos(th[acc]), np.sin(th[acc])
+                    d = self.delta
+                    d[lo_i:hi_i, acc] = d[lo_i:hi_i, acc] * ca + nu[:, acc] * sa
+            todo = todo[~ok]
+            if todo.size == 0:
+                break
+            n_rej += todo.size
+            neg = th[todo] < 0
+            th_lo[todo] = np.where(neg, th[todo], th_lo[todo])
+            th_hi[todo] = np.where(neg, th_hi[todo], th[todo])
+            th[todo] = rng.uniform(th_lo[todo], th_hi[todo])
+        # chains still rejecting after _MAX_SHRINKS stay where they are (th -> 0 limit)
+        return n_rej
