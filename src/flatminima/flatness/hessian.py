@@ -2,9 +2,10 @@
 
 ``H = nabla^2 E(w)`` with ``E`` the mean of ``loss_fn`` over a fixed data set. Products ``H v``
 use double backward (Pearlmutter 1994): ``H v = nabla_w (nabla_w E(w) . v)``, one batch at a
-time, weighted by batch size. Top eigenvalues: Lanczos with full reorthogonalisation (Lanczos
-1950) or shifted block power iteration; trace: Hutchinson's estimator with Rademacher vectors,
-``tr H = E_v[v^T H v]`` (Hutchinson 1989; as in PyHessian, Yao et al. 2020).
+time, weighted by batch size. Top eigenvalues: thick-restart Lanczos (Lanczos 1950; Wu & Simon
+2000), whose memory is a fixed number of basis vectors whatever the iteration cap, or shifted block
+power iteration; trace: Hutchinson's estimator with Rademacher vectors, ``tr H = E_v[v^T H v]``
+(Hutchinson 1989; as in PyHessian, Yao et al. 2020).
 
 The model is measured in eval mode (BatchNorm running statistics) and restored afterwards
 (modes, ``requires_grad``, parameters, buffers); randomness comes from a private generator.
@@ -14,9 +15,9 @@ Vectors are flat: the selected parameters in ``named_parameters()`` order, conca
 from __future__ import annotations
 
 import logging
-import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +45,9 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _VALID_METHODS = ("lanczos", "power")
+_VALID_WHICH = ("LA", "SA", "LM")
+_MIN_CHUNK = 1 << 15  # columns per float64 chunk in the Lanczos dot products (at least)
+_LOG_EVERY_S = 10.0  # INFO progress interval of long Lanczos runs
 
 
 class HessianOperator:
@@ -159,14 +163,22 @@ def hvp(
 
 @dataclass
 class HessianEigenResult:
-    """Top eigenvalues (largest algebraic first) and how they were found.
+    """The ``k`` wanted eigenvalues, most wanted first, and how they were found.
 
     Attributes:
-        eigenvalues: the ``k`` largest eigenvalues, descending.
+        eigenvalues: the ``k`` eigenvalues: ``which="LA"`` descending, ``"SA"`` ascending,
+            ``"LM"`` by descending magnitude.
         eigenvectors: ``[k, D]`` unit eigenvector estimates (flat over the selected params).
         method: ``"lanczos"`` or ``"power"``.
-        n_iter: iterations run; ``n_hvp``: Hessian-vector products used.
+        n_iter: iterations run (Lanczos steps or power iterations); ``n_hvp``: Hessian-vector
+            products used.
         converged: whether the tolerance was met within ``max_iter``.
+        which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or ``"LM"``
+            (largest magnitude).
+        ncv: Lanczos basis size (vectors kept; 0 for power iteration).
+        n_restarts: thick restarts done (Lanczos).
+        residuals: Ritz residual norms ``||H x_i - theta_i x_i||`` as estimated by Lanczos
+            (``|beta s_{m,i}|``); empty for power iteration.
     """
 
     eigenvalues: list[float]
@@ -175,12 +187,148 @@ class HessianEigenResult:
     n_iter: int
     n_hvp: int
     converged: bool
+    which: str = "LA"
+    ncv: int = 0
+    n_restarts: int = 0
+    residuals: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Fields without the eigenvectors, as plain Python objects."""
         d = asdict(self)
         d.pop("eigenvectors")
         return d
+
+
+def _wanted_order(theta: Tensor, which: str) -> Tensor:
+    """Indices of ``theta`` sorted most wanted first (``LA``, ``SA`` or ``LM``)."""
+    key = {"LA": -theta, "SA": theta, "LM": -theta.abs()}[which]
+    return torch.argsort(key, stable=True)
+
+
+class _ThickRestartLanczos:
+    """Thick-restart Lanczos (Wu & Simon 2000) for a symmetric operator, in bounded memory.
+
+    Basis rows ``V[:j+1]`` (``V`` has ``m + 1`` rows of length ``D`` on the operator's device),
+    kept orthonormal by full reorthogonalisation against the current basis only (classical
+    Gram-Schmidt twice); ``T = V^T H V`` (``m x m``, float64, CPU) is built column by column from
+    the projection coefficients. After ``m`` steps, ``H V_m = V_m T_m + beta v_{m+1} e_m^T``; the
+    ``n_keep`` most wanted Ritz vectors ``V_m s_i`` are kept, ``v_{m+1}`` follows them, and ``T``
+    restarts as ``diag(theta_i)`` bordered by the couplings ``beta s_{m,i}``. A Ritz pair's residual
+    norm is ``|beta s_{m,i}|``; it is converged when that is ``<= tol * max(|theta_i|,
+    eps^(2/3) ||T||)`` (ARPACK's test, ``eps`` of the basis dtype). Memory: ``(m + 1) D``
+    basis entries plus chunk buffers of ``m * max(2^15, D/64)`` float64 entries, whatever the
+    number of steps. Dot products accumulate in float64 even when the basis is float32.
+    """
+
+    def __init__(
+        self, dim: int, k: int, m: int, which: str, gen: torch.Generator, dtype: torch.dtype
+    ) -> None:
+        self.dim, self.k, self.m, self.which, self.gen = dim, k, m, which, gen
+        self.V = torch.empty(m + 1, dim, dtype=dtype, device=gen.device)
+        self.T = torch.zeros(m, m, dtype=torch.float64)
+        self.chunk = max(_MIN_CHUNK, -(-dim // 64))
+        self.eps = torch.finfo(dtype).eps
+        self.n_keep = max(1, min(m - 1, max(k, (k + m) // 2)))
+        self.anorm = 0.0
+        self.n_restarts = 0
+
+    def _dots(self, Q: Tensor, r: Tensor) -> Tensor:
+        """``Q @ r`` accumulated in float64 over column chunks."""
+        out = torch.zeros(Q.shape[0], dtype=torch.float64, device=Q.device)
+        for s in range(0, self.dim, self.chunk):
+            out += Q[:, s : s + self.chunk].double() @ r[s : s + self.chunk].double()
+        return out
+
+    def _orthogonalize(self, n: int, r: Tensor) -> Tensor:
+        """``r <- (I - V_n V_n^T)^2 r`` in place; returns the coefficients ``V_n^T r``."""
+        Q = self.V[:n]
+        h = torch.zeros(n, dtype=torch.float64, device=Q.device)
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            c = self._dots(Q, r)
+            r.sub_(c.to(r.dtype) @ Q)
+            h += c
+        return h
+
+    def _norm(self, r: Tensor) -> float:
+        return float(self._dots(r[None], r)[0].clamp(min=0.0).sqrt())
+
+    def start(self) -> None:
+        """A random unit start vector ``V[0]``."""
+        v = self.V[0]
+        v.normal_(generator=self.gen)
+        v.div_(self._norm(v))
+
+    def step(self, op: Callable[[Tensor], Tensor], j: int) -> float:
+        """``V[j+1] <- H V[j]`` orthogonalised against ``V[:j+1]``; fills column ``j`` of ``T``.
+
+        Returns ``beta``, the norm of the orthogonalised vector (``V[j+1]`` stays unnormalised).
+        """
+        r = self.V[j + 1]
+        r.copy_(op(self.V[j]))
+        h = self._orthogonalize(j + 1, r).cpu()
+        self.T[: j + 1, j] = h
+        self.T[j, : j + 1] = h
+        self.anorm = max(self.anorm, float(h.abs().max()))
+        return self._norm(r)
+
+    def advance(self, j: int, beta: float) -> None:
+        """Normalise ``V[j+1]``; after a breakdown (invariant subspace) draw a fresh direction."""
+        r = self.V[j + 1]
+        if beta <= 100 * self.eps * max(self.anorm, 1e-300):
+            r.normal_(generator=self.gen)
+            self._orthogonalize(j + 1, r)
+            beta = self._norm(r)
+            if j + 1 < self.m:
+                self.T[j + 1, j] = self.T[j, j + 1] = 0.0
+        r.div_(beta)
+
+    def ritz(self, n: int, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Ritz values, vectors (``n x n``), residual norms and convergence scale, wanted first."""
+        theta, S = torch.linalg.eigh(self.T[:n, :n])
+        order = _wanted_order(theta, self.which)
+        theta, S = theta[order], S[:, order]
+        resid = beta * S[n - 1].abs()
+        anorm = max(self.anorm, float(theta.abs().max()))
+        scale = theta.abs().clamp(min=self.eps ** (2 / 3) * anorm)
+        return theta, S, resid, scale
+
+    def _rotate(self, n: int, Y: Tensor) -> None:
+        """``V[:p] <- Y^T V[:n]`` for ``Y`` of shape ``n x p`` (``p <= n``), chunk by chunk."""
+        Yt = Y.T.to(self.V.device)
+        for s in range(0, self.dim, self.chunk):
+            cols = slice(s, s + self.chunk)
+            self.V[: Y.shape[1], cols] = (Yt @ self.V[:n, cols].double()).to(self.V.dtype)
+
+    def restart(self, theta: Tensor, S: Tensor, beta: float) -> int:
+        """Keep the ``n_keep`` most wanted Ritz vectors and ``v_{m+1}``; returns the new ``j``."""
+        m, p = self.m, self.n_keep
+        self._rotate(m, S[:, :p])
+        self.V[p].copy_(self.V[m])
+        self.T.zero_()
+        self.T[:p, :p] = torch.diag(theta[:p])
+        self.T[p, :p] = self.T[:p, p] = beta * S[m - 1, :p]
+        self.n_restarts += 1
+        return p
+
+    def vectors(self, n: int, Y: Tensor) -> Tensor:
+        """Ritz vectors ``V[:n] Y`` as the rows of ``V[:p]`` (overwrites the basis)."""
+        self._rotate(n, Y)
+        return self.V[: Y.shape[1]]
+
+
+@dataclass
+class _EigOut:
+    vals: Tensor
+    vecs: Tensor
+    n_iter: int
+    converged: bool
+    residuals: list[float]
+    ncv: int = 0
+    n_restarts: int = 0
+
+
+def _default_ncv(k: int) -> int:
+    return max(2 * k + 1, 20)
 
 
 def _lanczos(
@@ -191,58 +339,51 @@ def _lanczos(
     tol: float,
     gen: torch.Generator,
     device: torch.device,
-) -> tuple[Tensor, Tensor, int, bool]:
-    """Lanczos with full reorthogonalisation in float64; Ritz values/vectors of the top k."""
-    m_max = min(max_iter, dim)
-    q = torch.randn(dim, generator=gen, device=device, dtype=torch.float64)
-    q /= q.norm()
-    basis = [q]
-    alphas: list[float] = []
-    betas: list[float] = []
-    converged = False
-    prev: Tensor | None = None
-    theta = s = None
-    for j in range(m_max):
-        w = op(basis[j]).double()
-        a = float(w @ basis[j])
-        alphas.append(a)
-        Q = torch.stack(basis)
-        w = w - Q.T @ (Q @ w)
-        w = w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
-        b = float(w.norm())
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(T)
+    *,
+    which: str = "LA",
+    ncv: int | None = None,
+    basis_dtype: torch.dtype = torch.float64,
+) -> _EigOut:
+    """Thick-restart Lanczos: the ``k`` wanted eigenpairs in ``(m + 1) D`` basis entries.
+
+    ``m = min(ncv, D, max_iter)``; at most ``max_iter`` products ``H v``. ``device`` must be the
+    generator's device (where the basis lives).
+    """
+    m = min(ncv or _default_ncv(k), dim, max_iter)
+    lz = _ThickRestartLanczos(dim, k, m, which, gen, basis_dtype)
+    lz.start()
+    t_log = time.monotonic()
+    j, converged = 0, False
+    for n_iter in range(1, max_iter + 1):
+        beta = lz.step(op, j)
+        if j + 1 < m and n_iter < max_iter:  # convergence is judged on a full basis (ARPACK)
+            lz.advance(j, beta)
+            j += 1
+            continue
+        theta, S, resid, scale = lz.ritz(j + 1, beta)
         kk = min(k, j + 1)
-        top = theta[-kk:]
-        # residual of Ritz pair i is |b * s[last, i]|
-        resid = (b * s[-1, -kk:]).abs()
-        scale = top.abs().clamp(min=1e-12)
-        if kk == k and bool((resid <= tol * scale).all()):
-            converged = True
+        converged = j + 1 == dim or (kk == k and bool((resid[:k] <= tol * scale[:k]).all()))
+        if converged or n_iter == max_iter:
             break
-        if (
-            prev is not None
-            and kk == k
-            and bool(((top - prev).abs() <= tol * scale).all())
-            and bool((resid <= math.sqrt(tol) * scale).all())
-        ):
-            converged = True
-            break
-        prev = top.clone() if kk == k else None
-        if b <= 1e-12 * max(1.0, abs(a)) or j + 1 == m_max:
-            converged = j + 1 == dim or b <= 1e-12 * max(1.0, abs(a))
-            break
-        basis.append(w / b)
-        betas.append(b)
-    assert theta is not None and s is not None
-    Q = torch.stack(basis[: len(alphas)])
-    kk = min(k, theta.numel())
-    vals = theta[-kk:].flip(0)
-    vecs = s[:, -kk:].flip(1).T.to(Q.device) @ Q  # T (and s) are small, on the CPU
-    return vals, vecs, len(alphas), converged
+        lz.advance(j, beta)
+        msg = _progress(lz, n_iter, max_iter, theta[:k], resid[:k] / scale[:k], tol)
+        logger.debug(msg)
+        if time.monotonic() - t_log >= _LOG_EVERY_S:
+            logger.info(msg)
+            t_log = time.monotonic()
+        j = lz.restart(theta, S, beta)
+    vecs = lz.vectors(j + 1, S[:, :kk])
+    return _EigOut(theta[:kk], vecs, n_iter, converged, resid[:kk].tolist(), m, lz.n_restarts)
+
+
+def _progress(
+    lz: _ThickRestartLanczos, n: int, cap: int, theta: Tensor, rel: Tensor, tol: float
+) -> str:
+    vals = ", ".join(f"{float(t):.6g}" for t in theta)
+    return (
+        f"hessian Lanczos: {n}/{cap} products, restart {lz.n_restarts + 1}, "
+        f"wanted Ritz values [{vals}], max relative residual {float(rel.max()):.2e} (tol {tol:g})"
+    )
 
 
 def _power(
@@ -253,13 +394,18 @@ def _power(
     tol: float,
     gen: torch.Generator,
     device: torch.device,
+    which: str = "LA",
 ) -> tuple[Tensor, Tensor, int, bool]:
     """Shifted orthogonal (block power) iteration with Rayleigh-Ritz, in float64.
 
-    Plain power iteration finds the eigenvalue of largest *magnitude* ``mu``. If ``k == 1`` and
-    ``mu > 0`` that is the largest algebraic one; otherwise iterate on ``H + |mu| I`` (all
-    eigenvalues >= 0, same order as ``H``) so the block converges to the top-k algebraic.
+    Plain block power iteration finds the eigenvalues of largest *magnitude* (``which="LM"``).
+    For ``"LA"``: if ``k == 1`` and that eigenvalue ``mu > 0`` it is the largest algebraic one;
+    otherwise iterate on ``H + |mu| I`` (all eigenvalues >= 0, same order as ``H``) so the block
+    converges to the top-k algebraic. ``"SA"`` is ``"LA"`` of ``-H``, negated.
     """
+    if which == "SA":
+        vals, vecs, it, ok = _power(lambda v: -op(v), dim, k, max_iter, tol, gen, device)
+        return -vals, vecs, it, ok
 
     def block(shift: float, kb: int, iters: int) -> tuple[Tensor, Tensor, int, bool]:
         V = torch.linalg.qr(
@@ -281,12 +427,43 @@ def _power(
         return theta.flip(0), (V @ S).T.flip(0), iters, False
 
     kb = min(k, dim)
+    if which == "LM":
+        vals, vecs, it, ok = block(0.0, kb, max_iter)
+        order = _wanted_order(vals, "LM")
+        return vals[order], vecs[order], it, ok
     vals, vecs, it1, ok = block(0.0, 1, max_iter)
     mu = float(vals[0])
     if kb == 1 and mu >= 0:
         return vals, vecs, it1, ok
     vals, vecs, it2, ok = block(abs(mu) * 1.01 + 1e-12, kb, max_iter)
     return vals, vecs, it1 + it2, ok
+
+
+def _check_eig_args(
+    k: int, method: str, max_iter: int, tol: float, which: str, ncv: int | None, basis_dtype: Any
+) -> None:
+    if method not in _VALID_METHODS:
+        raise ValueError(f"method must be one of {_VALID_METHODS}, got {method!r}")
+    if which not in _VALID_WHICH:
+        raise ValueError(f"which must be one of {_VALID_WHICH}, got {which!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, int) or ncv <= k):
+        raise ValueError(f"ncv must be None or an integer > k={k}, got {ncv!r}")
+    if basis_dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(
+            f"basis_dtype must be None, torch.float32 or torch.float64, got {basis_dtype!r}"
+        )
+
+
+def _basis_dtype(requested: torch.dtype | None, param_dtype: torch.dtype) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 def hessian_eigenvalues(
@@ -302,33 +479,52 @@ def hessian_eigenvalues(
     *,
     max_samples: int | None = None,
     batch_size: int = 256,
+    which: str = "LA",
+    ncv: int | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> HessianEigenResult:
-    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian.
+    """The ``k`` wanted eigenvalues of the loss Hessian (by default the largest algebraic).
+
+    Lanczos (the default) is thick-restarted: it keeps ``m = min(ncv, D, max_iter)`` basis
+    vectors of length ``D`` on the model's device, so its memory is ``(m + 1) D`` entries whatever
+    ``max_iter`` (``m = 21`` for ``k <= 10``: 3.1 GB in float32 for WRN-28-10's 36.5M
+    parameters). A Ritz pair ``(theta_i, x_i)`` is converged when ``||H x_i - theta_i x_i|| <=
+    tol * max(|theta_i|, eps^(2/3) ||H||)``. Progress is logged at DEBUG every restart and at INFO
+    at most every 10 s.
 
     Args:
         model: the network (evaluated in eval mode, restored afterwards).
         loss_fn: ``loss_fn(output, target) -> scalar`` averaged over the batch.
         data: ``(inputs, targets)`` tensors or an iterable of ``(x, y)`` batches.
         k: number of eigenvalues (``1 <= k <= D``).
-        method: ``"lanczos"`` (Krylov, ``max_iter`` products at most) or ``"power"``
-            (block power iteration, ``k`` products per iteration).
-        max_iter: iteration cap (Lanczos steps or power iterations).
-        tol: relative tolerance on the Ritz residual / eigenvalue change.
+        method: ``"lanczos"`` (thick-restart Krylov, ``max_iter`` products at most) or
+            ``"power"`` (block power iteration in float64, ``k`` products per iteration).
+        max_iter: cap on Lanczos steps (= Hessian-vector products) or power iterations.
+        tol: relative tolerance on the Ritz residual (Lanczos) / eigenvalue change (power).
         params: parameter filter (names or predicate ``(name, p) -> bool``).
         seed: seed of the starting vector's private generator.
         max_samples, batch_size: data subset and batch size for tensor data.
+        which: ``"LA"`` largest algebraic (the sharpest directions), ``"SA"`` smallest
+            algebraic (the most negative curvature) or ``"LM"`` largest magnitude.
+        ncv: Lanczos basis size, ``> k``; default ``max(2k + 1, 20)``.
+        basis_dtype: dtype of the Lanczos vectors; default float64 for a float64 model, else
+            float32 (the products ``H v`` are only as precise as the model's dtype; the float32
+            basis agrees with a float64 basis to about 1e-5 relative, see the tests).
 
     Raises:
-        ValueError: bad ``k``, ``method``, ``max_iter`` or ``tol``; empty data; bad filter.
+        ValueError: bad ``k``, ``method``, ``which``, ``ncv``, ``max_iter`` or ``tol``; empty
+            data; bad filter.
+        TypeError: ``basis_dtype`` is not float32 / float64.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> net = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+        >>> r = hessian_eigenvalues(net, F.cross_entropy, (x, y), k=2)
+        >>> r.converged, len(r.eigenvalues), r.eigenvalues[0] >= r.eigenvalues[1]
+        (True, 2, True)
     """
-    if method not in _VALID_METHODS:
-        raise ValueError(f"method must be one of {_VALID_METHODS}, got {method!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    _check_eig_args(k, method, max_iter, tol, which, ncv, basis_dtype)
     with preserve_state(model):
         chosen, batches = _setup(model, data, params, max_samples, batch_size)
         op = HessianOperator(model, loss_fn, batches, chosen)
@@ -336,19 +532,31 @@ def hessian_eigenvalues(
             raise ValueError(f"k={k} exceeds the number of selected parameters {op.dim}")
         gen = torch.Generator(device=op.device)
         gen.manual_seed(seed)
-        fn = _lanczos if method == "lanczos" else _power
-        vals, vecs, n_iter, ok = fn(op, op.dim, k, max_iter, tol, gen, op.device)
-        if not ok:
+        if method == "lanczos":
+            dt = _basis_dtype(basis_dtype, op.dtype)
+            out = _lanczos(
+                op, op.dim, k, max_iter, tol, gen, op.device, which=which, ncv=ncv, basis_dtype=dt
+            )
+        else:
+            out = _EigOut(*_power(op, op.dim, k, max_iter, tol, gen, op.device, which), [])
+        if not out.converged:
             logger.warning(
-                "hessian_eigenvalues(%s) did not reach tol=%g in %d iterations", method, tol, n_iter
+                "hessian_eigenvalues(%s) did not reach tol=%g in %d iterations",
+                method,
+                tol,
+                out.n_iter,
             )
         return HessianEigenResult(
-            eigenvalues=vals.tolist(),
-            eigenvectors=vecs.to(op.dtype),
+            eigenvalues=out.vals.tolist(),
+            eigenvectors=out.vecs.to(op.dtype, copy=True),
             method=method,
-            n_iter=n_iter,
+            n_iter=out.n_iter,
             n_hvp=op.n_products,
-            converged=ok,
+            converged=out.converged,
+            which=which,
+            ncv=out.ncv,
+            n_restarts=out.n_restarts,
+            residuals=out.residuals,
         )
 
 
