@@ -1,6 +1,7 @@
 """Seeded synthetic classification sets: Gaussian mixture and teacher-student.
 
-Gaussian mixture (Pittorino et al., ICLR 2021, arXiv 2006.07897, Sec. 3; see docs/design.md, "Gaussian mixture")::
+Gaussian mixture (Pittorino et al., ICLR 2021, arXiv 2006.07897, Sec. 3; see docs/design.md,
+"Gaussian mixture")::
 
     x_mu = y_mu * v / sqrt(N) + sqrt(Delta) * z_mu,   z_mu ~ N(0, I_N),  v ~ N(0, I_N),
     y_mu = +1 with probability rho, -1 otherwise,

@@ -2,8 +2,8 @@
 and the angle to a reference direction.
 
 For ``h_mu = w . x_mu / sqrt(N) + b`` and multiplicative noise ``w_i (1 + sigma xi_i)``,
-``b (1 + sigma xi_0)`` (all parameters perturbed, docs/design.md, "Flatness measures"), the perturbed
-pre-activation is Gaussian with mean ``h_mu`` and variance
+``b (1 + sigma xi_0)`` (all parameters perturbed, docs/design.md, "Flatness measures"), the
+perturbed pre-activation is Gaussian with mean ``h_mu`` and variance
 ``s_mu^2 = sigma^2 (sum_i w_i^2 x_mu,i^2 / N + b^2)``, so the expected perturbed training error is
 exactly ``E_sigma(w) = mean_mu H(y_mu h_mu / s_mu)`` and the local energy is
 ``delta_E(w, sigma) = E_sigma(w) - E_train(w)`` (Pittorino et al., ICLR 2021, Sec. 5). No Monte

@@ -6,7 +6,8 @@ equations follow from the cavity method / convex Gaussian min-max theorem. For t
 
     (w, b) = argmin  sum_mu l(y_mu, h_mu) + lam/2 ||w||^2,   h_mu = w . x_mu / sqrt(N) + b,
 
-on ``P = alpha N`` samples ``x = y v / sqrt(N) + sqrt(Delta) z`` (docs/design.md, "Gaussian mixture"),
+on ``P = alpha N`` samples ``x = y v / sqrt(N) + sqrt(Delta) z``
+(docs/design.md, "Gaussian mixture"),
 the overlaps ``m = w . v / N``, ``q = ||w||^2 / N`` and the bias ``b`` concentrate on the fixed
 point of (margin form: ``u = y omega``, ``t = y eta``)
 
@@ -198,74 +199,9 @@ def erm_theory(
         raise ValueError(f"Invalid damping value: {damping!r} (expected in [0, 1))")
     if fit_intercept is None:
         fit_intercept = rho != 0.5
-    grid = _Grid(n_grid)
-    ys = np.array([1.0, -1.0])
-    py = np.array([rho, 1.0 - rho])
-
-    def moments(m: float, q: float, V: float, b: float) -> tuple[float, float, float, float]:
-        """Class-averaged E[t - u], E[(t - u)^2], E[1 - dt/du] and E[y (t - u)]."""
-        mu = m + ys * b  # [2]
-        s = math.sqrt(delta * q)
-        if loss == "hinge":  # truncated-Gaussian moments: exact and smooth in (m, q, V, b)
-            r, r2, d = _hinge_moments(mu, s, V)
-        else:
-            u = mu[:, None] + s * grid.xi[None, :]  # [2, G]
-            t, dt = _prox(loss, u, V)
-            r, r2, d = (t - u) @ grid.w, ((t - u) ** 2) @ grid.w, (1.0 - dt) @ grid.w
-        return (
-            float(py @ r),
-            float(py @ r2),
-            float(py @ d),
-            float(np.sum(py * ys * r)),
-        )
-
-    def bias_residual(b: float, m: float, q: float, V: float) -> float:
-        return moments(m, q, V, b)[3]
-
-    def solve_b(m: float, q: float, V: float, b0: float) -> float:
-        """Root of ``E[y (t - u)]`` in ``b``: Newton (its derivative in ``b`` is
-        ``-E[1 - dt/du]``), with a bracketing fallback."""
-        if not fit_intercept:
-            return 0.0
-        b = b0
-        for _ in range(30):
-            _, _, d, res = moments(m, q, V, b)
-            if not d > 1e-12:
-                break
-            b_new = b + res / d
-            if abs(b_new - b) < 1e-12 * (1.0 + abs(b)):
-                return b_new
-            b = b_new
-        # E[y (t - u)] decreases in b: bracket and bisect.
-        lo, hi = b0 - 1.0, b0 + 1.0
-        while bias_residual(lo, m, q, V) < 0:
-            lo -= 2.0 * (hi - lo)
-        while bias_residual(hi, m, q, V) > 0:
-            hi += 2.0 * (hi - lo)
-        return float(optimize.brentq(bias_residual, lo, hi, args=(m, q, V), xtol=1e-12))
-
-    m, q, V, b = init if init is not None else (0.1, 1.0, 1.0, 0.0)
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 (reported as ``iterations``)
-        b = solve_b(m, q, V, b)
-        r, r2, d, _ = moments(m, q, V, b)
-        Vh, mh, qh = alpha * d / V, alpha * r / V, alpha * r2 / V**2
-        den = lam + delta * Vh
-        m_new, q_new, V_new = mh / den, (mh**2 + delta * qh) / den**2, delta / den
-        change = max(
-            abs(m_new - m) / (abs(m) + 1e-12),
-            abs(q_new - q) / q,
-            abs(V_new - V) / V,
-        )
-        m = damping * m + (1 - damping) * m_new
-        q = damping * q + (1 - damping) * q_new
-        V = damping * V + (1 - damping) * V_new
-        if not all(math.isfinite(x) for x in (m, q, V)) or q > 1e12:
-            break
-        if change < tol:
-            converged = True
-            break
+    eqs = _Equations(loss, delta, rho, bool(fit_intercept), _Grid(n_grid))
+    start = init if init is not None else (0.1, 1.0, 1.0, 0.0)
+    (m, q, V, b), it, converged = _iterate(eqs, alpha, lam, start, damping, tol, max_iter)
     if not converged:
         log.warning(
             "replica equations (%s, lam=%g, alpha=%g) did not converge in %d iterations "
@@ -278,18 +214,8 @@ def erm_theory(
             q,
             V,
         )
-    b = solve_b(m, q, V, b) if converged else b
-    mu = m + ys * b
-    sd = math.sqrt(delta * q)
-    if loss == "hinge":  # errors: u < -V; loss: 1 - V - u on u < 1 - V
-        a = (1.0 - V - mu) / sd
-        train_err = float(py @ ndtr((-V - mu) / sd))
-        train_loss = float(py @ (sd * (a * ndtr(a) + _phi(a))))
-    else:
-        u = mu[:, None] + sd * grid.xi[None, :]
-        t, _ = _prox(loss, u, V)
-        train_err = float(py @ ((t < 0).astype(float) @ grid.w))
-        train_loss = float(py @ (_loss(loss, t) @ grid.w))
+    b = eqs.solve_b(m, q, V, b) if converged else b
+    train_err, train_loss = eqs.training_metrics(m, q, V, b)
     return ERMTheory(
         loss=loss,
         lam=float(lam),
@@ -307,6 +233,99 @@ def erm_theory(
         iterations=it,
         converged=converged,
     )
+
+
+class _Equations:
+    """The class-averaged moments of the proximal map that enter the fixed-point equations."""
+
+    def __init__(self, loss: str, delta: float, rho: float, fit_intercept: bool, grid: _Grid):
+        self.loss, self.delta, self.fit_intercept, self.grid = loss, delta, fit_intercept, grid
+        self.ys = np.array([1.0, -1.0])
+        self.py = np.array([rho, 1.0 - rho])
+
+    def moments(self, m: float, q: float, V: float, b: float) -> tuple[float, float, float, float]:
+        """Class-averaged E[t - u], E[(t - u)^2], E[1 - dt/du] and E[y (t - u)]."""
+        mu = m + self.ys * b  # [2]
+        s = math.sqrt(self.delta * q)
+        if self.loss == "hinge":  # truncated-Gaussian moments: exact and smooth in (m, q, V, b)
+            r, r2, d = _hinge_moments(mu, s, V)
+        else:
+            g = self.grid
+            u = mu[:, None] + s * g.xi[None, :]  # [2, G]
+            t, dt = _prox(self.loss, u, V)
+            r, r2, d = (t - u) @ g.w, ((t - u) ** 2) @ g.w, (1.0 - dt) @ g.w
+        py = self.py
+        return float(py @ r), float(py @ r2), float(py @ d), float(np.sum(py * self.ys * r))
+
+    def bias_residual(self, b: float, m: float, q: float, V: float) -> float:
+        return self.moments(m, q, V, b)[3]
+
+    def solve_b(self, m: float, q: float, V: float, b0: float) -> float:
+        """Root of ``E[y (t - u)]`` in ``b``: Newton (its derivative in ``b`` is
+        ``-E[1 - dt/du]``), with a bracketing fallback; 0 without an intercept."""
+        if not self.fit_intercept:
+            return 0.0
+        b = b0
+        for _ in range(30):
+            _, _, d, res = self.moments(m, q, V, b)
+            if not d > 1e-12:
+                break
+            b_new = b + res / d
+            if abs(b_new - b) < 1e-12 * (1.0 + abs(b)):
+                return b_new
+            b = b_new
+        # E[y (t - u)] decreases in b: bracket and bisect.
+        lo, hi = b0 - 1.0, b0 + 1.0
+        while self.bias_residual(lo, m, q, V) < 0:
+            lo -= 2.0 * (hi - lo)
+        while self.bias_residual(hi, m, q, V) > 0:
+            hi += 2.0 * (hi - lo)
+        return float(optimize.brentq(self.bias_residual, lo, hi, args=(m, q, V), xtol=1e-12))
+
+    def training_metrics(self, m: float, q: float, V: float, b: float) -> tuple[float, float]:
+        """Training error and training loss per sample at the fixed point."""
+        py, mu = self.py, m + self.ys * b
+        sd = math.sqrt(self.delta * q)
+        if self.loss == "hinge":  # errors: u < -V; loss: 1 - V - u on u < 1 - V
+            a = (1.0 - V - mu) / sd
+            return float(py @ ndtr((-V - mu) / sd)), float(py @ (sd * (a * ndtr(a) + _phi(a))))
+        g = self.grid
+        t, _ = _prox(self.loss, mu[:, None] + sd * g.xi[None, :], V)
+        return float(py @ ((t < 0).astype(float) @ g.w)), float(py @ (_loss(self.loss, t) @ g.w))
+
+
+def _iterate(
+    eqs: _Equations,
+    alpha: float,
+    lam: float,
+    start: tuple[float, float, float, float],
+    damping: float,
+    tol: float,
+    max_iter: int,
+) -> tuple[tuple[float, float, float, float], int, bool]:
+    """Damped fixed-point iteration; return ``((m, q, V, b), iterations, converged)``."""
+    m, q, V, b = start
+    delta = eqs.delta
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 (reported as ``iterations``)
+        b = eqs.solve_b(m, q, V, b)
+        r, r2, d, _ = eqs.moments(m, q, V, b)
+        Vh, mh, qh = alpha * d / V, alpha * r / V, alpha * r2 / V**2
+        den = lam + delta * Vh
+        m_new, q_new, V_new = mh / den, (mh**2 + delta * qh) / den**2, delta / den
+        change = max(
+            abs(m_new - m) / (abs(m) + 1e-12),
+            abs(q_new - q) / q,
+            abs(V_new - V) / V,
+        )
+        m = damping * m + (1 - damping) * m_new
+        q = damping * q + (1 - damping) * q_new
+        V = damping * V + (1 - damping) * V_new
+        if not all(math.isfinite(x) for x in (m, q, V)) or q > 1e12:
+            break
+        if change < tol:
+            return (m, q, V, b), it, True
+    return (m, q, V, b), it, False
 
 
 def erm_learning_curve(

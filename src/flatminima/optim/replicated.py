@@ -57,7 +57,8 @@ class Replicas(nn.Module):
     The trainable parameters of all replicas live in one flat tensor of shape ``[y, N]`` per
     (dtype, device), and so do their gradients; each replica's ``nn.Parameter`` is a view into
     its row. The coupling and the optimizer step then cost a few whole-buffer kernels instead of
-    a Python loop over tensors and replicas (see docs/design.md, "Performance notes"). Moving the module
+    a Python loop over tensors and replicas (see docs/design.md, "Performance notes"). Moving
+    the module
     (``.to()``, ``.double()``) re-flattens the buffers: create the optimizer afterwards.
 
     Iterating or indexing yields the replica modules; ``len()`` is ``y``.
@@ -131,11 +132,12 @@ class Replicas(nn.Module):
             other = [(n, p) for n, p in r.named_parameters() if p.requires_grad]
             if [(n, p.shape) for n, p in other] != [(n, p.shape) for n, p in ref]:
                 raise ValueError(f"replica {a} does not have the architecture of replica 0")
-        keys: list[tuple[torch.dtype, torch.device]] = []
+        group_of = self._group_of([n for n, _ in ref])
+        keys: list[tuple[int, torch.dtype, torch.device]] = []
         layout: list[tuple[str, int, int, int, torch.Size]] = []
         sizes: list[int] = []
         for name, p in ref:
-            key = (p.dtype, p.device)
+            key = (group_of[name], p.dtype, p.device)
             if key not in keys:
                 keys.append(key)
                 sizes.append(0)
@@ -143,7 +145,7 @@ class Replicas(nn.Module):
             layout.append((name, k, sizes[k], p.numel(), p.shape))
             sizes[k] += p.numel()
         y = len(self.replicas)
-        flats = [torch.zeros(y, n, dtype=dt, device=dev) for (dt, dev), n in zip(keys, sizes)]
+        flats = [torch.zeros(y, n, dtype=dt, device=dev) for (_, dt, dev), n in zip(keys, sizes)]
         grads = [torch.zeros_like(f) for f in flats]
         views: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
@@ -163,8 +165,61 @@ class Replicas(nn.Module):
             f.grad = g
         self._flat_params = flats
         self._flat_grads = grads
+        self._flat_group_ids = [k[0] for k in keys]
         self._layout = layout
         self._grad_views = views
+
+    def _group_of(self, names: list[str]) -> dict[str, int]:
+        """Group index of every trainable parameter name (all 0 unless :meth:`regroup` ran)."""
+        groups: list[list[str]] | None = self.__dict__.get("_groups")
+        if groups is None:
+            return dict.fromkeys(names, 0)
+        index = {n: i for i, g in enumerate(groups) for n in g}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(f"parameters in no group: {missing}")
+        return {n: index[n] for n in names}
+
+    def regroup(self, groups: Sequence[Sequence[str]] | None) -> None:
+        """Lay the flat buffers out by parameter group: one ``[y, N_i]`` buffer per group i.
+
+        Each group is a list of parameter names (as in ``replicas[0].named_parameters()``) that
+        together cover every trainable parameter once; ``None`` restores the default layout
+        (one buffer per dtype/device). Buffers of a group are ordered by (dtype, device). The
+        parameter objects stay the same; an optimizer built earlier on :attr:`flat_params`
+        no longer sees them (build it afterwards, as :class:`ReplicatedSGD` does).
+
+        Raises:
+            ValueError: if a name is unknown, repeated or missing.
+        """
+        if groups is not None:
+            known = [n for n, p in self.replicas[0].named_parameters() if p.requires_grad]
+            flat = [n for g in groups for n in g]
+            unknown = sorted(set(flat) - set(known))
+            repeated = sorted({n for n in flat if flat.count(n) > 1})
+            if unknown or repeated:
+                raise ValueError(
+                    f"Invalid groups: unknown names {unknown}, repeated names {repeated} "
+                    f"(expected each of {known} once)"
+                )
+            groups = [list(g) for g in groups]
+        old = self.__dict__.get("_groups")
+        self.__dict__["_groups"] = groups
+        try:
+            self._flatten()
+        except ValueError:
+            self.__dict__["_groups"] = old
+            raise
+
+    @property
+    def flat_groups(self) -> list[list[int]]:
+        """For each parameter group (see :meth:`regroup`), the indices of its flat buffers."""
+        out: list[list[int]] = []
+        for k, gid in enumerate(self._flat_group_ids):
+            while len(out) <= gid:
+                out.append([])
+            out[gid].append(k)
+        return out
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Replicas:
         super()._apply(fn, recurse)
@@ -405,37 +460,203 @@ def update_bn(
             m.training = mode
 
 
-class ReplicatedSGD(Optimizer):
-    r"""SGD on ``y`` replicas coupled to their centre (Replicated-SGD, "rSGD").
+_FUSED = (None, "compile")
+_SGD_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "gamma", "coupling_every")
+# torch optimizers that are not elementwise (factored or whole-tensor statistics) or need a
+# closure of their own: on flat [y, N] buffers they would mix replicas and layers.
+_NOT_ELEMENTWISE = ("LBFGS", "Adafactor", "SparseAdam")
 
-    Objective :math:`\sum_a E(w_a) + \frac{\gamma}{2}\sum_a \|w_a - c\|^2`,
-    :math:`c = \frac{1}{y}\sum_a w_a`. Since :math:`\sum_a (w_a - c) = 0`, the gradient for
-    replica ``a`` is exactly ``grad E(w_a) + gamma * (w_a - c)`` with ``c`` held constant. At
-    step ``t`` (0-based, counted by the optimizer) with ``t % coupling_every == 0``, and
-    ``K = coupling_every``::
+
+def _as_replicas(obj: Any) -> Replicas:
+    """``obj`` itself if a :class:`Replicas`, else its ``.replicas`` (a ReplicatedModule)."""
+    if isinstance(obj, Replicas):
+        return obj
+    inner = getattr(obj, "replicas", None)
+    if isinstance(inner, Replicas):
+        return inner
+    raise TypeError(
+        f"ReplicatedSGD needs a Replicas container or a ReplicatedModule, got {type(obj)}"
+    )
+
+
+def _check_coupling(group: dict[str, Any]) -> None:
+    check_nonneg("gamma", group["gamma"])
+    k = group["coupling_every"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid coupling_every value: {k} (expected an int >= 1)")
+
+
+def _check_sgd_group(group: dict[str, Any]) -> None:
+    unknown = sorted(set(group) - set(_SGD_KEYS) - {"params"})
+    if unknown:
+        raise ValueError(
+            f"Invalid param group keys {unknown} for the built-in SGD update (expected some of "
+            f"{_SGD_KEYS}; pass base_optimizer to use another optimizer's options)"
+        )
+    check_sgd_args(group["lr"], group["momentum"], group["weight_decay"], group["nesterov"])
+    _check_coupling(group)
+
+
+def _check_base(base_optimizer: Any, base_kwargs: Any) -> dict[str, Any]:
+    """Validate ``base_optimizer``/``base_kwargs``; return a copy of the kwargs."""
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+        raise TypeError(
+            f"Invalid base_optimizer value: {base_optimizer!r} (expected a subclass of "
+            "torch.optim.Optimizer such as torch.optim.AdamW, or None)"
+        )
+    if base_optimizer.__name__ in _NOT_ELEMENTWISE or issubclass(base_optimizer, ReplicatedSGD):
+        raise ValueError(
+            f"Invalid base_optimizer value: {base_optimizer.__name__} (the base update runs on "
+            "flat [y, N] buffers, so it must act elementwise: SGD, Adam, AdamW, RMSprop, ...)"
+        )
+    if base_kwargs is None:
+        return {}
+    if not isinstance(base_kwargs, dict):
+        raise TypeError(f"Invalid base_kwargs value: {base_kwargs!r} (expected a dict or None)")
+    if "params" in base_kwargs:
+        raise ValueError("Invalid base_kwargs: 'params' is set by ReplicatedSGD")
+    return dict(base_kwargs)
+
+
+def _resolve_groups(
+    replicas: Replicas, param_groups: Any
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """``param_groups`` over replica 0's parameters -> (names, options) per group."""
+    if isinstance(param_groups, (dict, Tensor)) or not isinstance(param_groups, Iterable):
+        raise TypeError(
+            f"Invalid param_groups value: {type(param_groups)} (expected a list of dicts with "
+            "'params' taken from replicas[0].parameters())"
+        )
+    name_of = {id(p): n for n, p in replicas[0].named_parameters() if p.requires_grad}
+    seen: set[str] = set()
+    out: list[tuple[list[str], dict[str, Any]]] = []
+    for i, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param group {i} must be a dict with a 'params' entry, got {group!r}")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if not params:
+            raise ValueError(f"param group {i} has no parameters")
+        names = []
+        for p in params:
+            name = name_of.get(id(p))
+            if name is None:
+                raise ValueError(
+                    f"param group {i}: a tensor of shape {tuple(getattr(p, 'shape', ()))} is not "
+                    "a trainable parameter of replicas[0] (groups are given over replica 0's "
+                    "parameters and apply to the same slots of every replica)"
+                )
+            if name in seen:
+                raise ValueError(f"param group {i}: parameter {name!r} is in more than one group")
+            seen.add(name)
+            names.append(name)
+        out.append((names, {k: v for k, v in group.items() if k != "params"}))
+    missing = [n for n in name_of.values() if n not in seen]
+    if missing:
+        raise ValueError(f"Invalid param_groups: parameters in no group: {missing}")
+    return out
+
+
+# ---------------------------------------------------------------------- opt-in compiled update
+_COMPILED: dict[str, Any] = {}
+
+
+def _fused_update(
+    w: Tensor, g: Tensor, buf: Tensor | None, s: Tensor, y: int, couple: bool, nesterov: bool
+) -> None:
+    """Coupling + weight decay + momentum + update in place, ``s = [K gamma, wd, lr, mom]``.
+
+    ``d = g + (K gamma + wd) w - (K gamma / y) sum_a w_a`` (or ``g + wd w``); ``buf <- mom buf
+    + d``; ``w <- w - lr (d + mom buf)`` (Nesterov) or ``w - lr buf``; ``g <- d``.
+    """
+    kg, wd, lr, mom = s[0], s[1], s[2], s[3]
+    if couple:
+        d = g + (kg + wd) * w - (kg / y) * w.sum(0, keepdim=True)
+    else:
+        d = g + wd * w
+    g.copy_(d)
+    if buf is None:
+        upd = d
+    else:
+        b = buf * mom + d
+        buf.copy_(b)
+        upd = d + mom * b if nesterov else b
+    w.copy_(w - lr * upd)
+
+
+def _compiled_update() -> Callable[..., None] | None:
+    """``torch.compile(_fused_update)``, or None where torch.compile cannot run here."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = None
+        try:
+            fn = torch.compile(_fused_update, dynamic=False, fullgraph=True)
+            w, g = torch.ones(2, 4), torch.ones(2, 4)
+            fn(w, g, torch.zeros(2, 4), torch.tensor([1.0, 0.0, 0.5, 0.9]), 2, True, False)
+            _COMPILED["fn"] = fn
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available"
+            logger.warning("torch.compile is not available (%s): using the eager kernels", exc)
+    return _COMPILED["fn"]
+
+
+def compile_available() -> bool:
+    """Whether the opt-in ``fused="compile"`` update of :class:`ReplicatedSGD` can run here."""
+    return _compiled_update() is not None
+
+
+class ReplicatedSGD(Optimizer):
+    r"""SGD (or any elementwise base optimizer) on ``y`` replicas coupled to their centre.
+
+    Replicated-SGD ("rSGD"). Objective :math:`\sum_a E(w_a) + \frac{\gamma}{2}\sum_a
+    \|w_a - c\|^2`, :math:`c = \frac{1}{y}\sum_a w_a`. Since :math:`\sum_a (w_a - c) = 0`, the
+    gradient for replica ``a`` is exactly ``grad E(w_a) + gamma * (w_a - c)`` with ``c`` held
+    constant. At step ``t`` (0-based, counted by the optimizer) with ``t % coupling_every == 0``,
+    and ``K = coupling_every``::
 
         G_a = grad E(w_a; B_a) + K * gamma_t * (w_a - c)
         w_a <- torch.optim.SGD step with G_a        (momentum, nesterov, weight_decay per replica)
 
-    and on the other steps ``G_a = grad E(w_a; B_a)``. Each replica takes its own minibatch:
-    compute the replicas' losses, sum them, call ``backward()``, then ``step()`` (or pass that as
-    a closure). The whole update runs as a few kernels on the flat ``[y, N]`` buffers of the
-    :class:`Replicas` (one param group whose params are those buffers; the momentum buffers are
-    ``[y, N]`` too). With ``gamma=0`` it is exactly ``y`` independent ``torch.optim.SGD`` runs.
-    The coupling (and weight decay) is added to the flat gradient in place, so after ``step()``
-    the replicas' ``.grad`` hold the full update direction ``G_a``. All replicas' parameters are
-    one param group (the flat buffers), so hyperparameters are shared by all layers.
+    and on the other steps ``G_a = grad E(w_a; B_a)``. With ``base_optimizer`` (e.g.
+    ``torch.optim.AdamW``) the second line is ``base.step()`` with the gradient ``G_a`` (the base
+    optimizer's own weight decay, moments, ...). Each replica takes its own minibatch: compute
+    the replicas' losses, sum them, call ``backward()``, then ``step()`` (or pass that as a
+    closure; or use :class:`~flatminima.optim.ReplicatedModule` in any training loop). The update
+    runs as a few kernels on the flat ``[y, N]`` buffers of the :class:`Replicas` (the momentum or
+    Adam moments are ``[y, N]`` too). With ``gamma=0`` it is exactly ``y`` independent runs of the
+    base update. The coupling (and weight decay of the built-in path) is added to the flat gradient
+    in place, so after ``step()`` the replicas' ``.grad`` hold ``G_a`` plus weight decay.
+
+    Param groups are given over ONE replica's parameters and apply to the same slots of every
+    replica, e.g. no weight decay on biases::
+
+        reps0 = replicas[0].named_parameters()
+        groups = [{"params": [p for n, p in reps0 if n.endswith("bias")], "weight_decay": 0.0},
+                  {"params": [p for n, p in replicas[0].named_parameters()
+                              if not n.endswith("bias")]}]
+
+    They must cover every trainable parameter once; the :class:`Replicas` flat buffers are then
+    laid out with one ``[y, N_i]`` buffer per group (:meth:`Replicas.regroup`), and
+    ``self.param_groups[i]["params"]`` are group i's flat buffers. ``gamma`` and
+    ``coupling_every`` live in every param group (coupling schedulers write ``group["gamma"]``).
 
     Args:
-        replicas: the :class:`Replicas` container to train.
-        lr, momentum, nesterov, weight_decay: as in ``torch.optim.SGD`` (dampening 0).
-        gamma: coupling :math:`\gamma_t >= 0`, in the param group (schedulers write it).
+        replicas: the :class:`Replicas` container to train (or a ``ReplicatedModule``).
+        lr, momentum, nesterov, weight_decay: as in ``torch.optim.SGD`` (dampening 0). With a
+            base optimizer only ``lr`` is used (the others go in ``base_kwargs``).
+        gamma: coupling :math:`\gamma_t >= 0`, in the param groups (schedulers write it).
         coupling_every: ``K >= 1``.
         backend: ``"loop"`` or ``"vmap"``, used by :meth:`forward_all` (same numbers).
+        base_optimizer: None (the built-in fused SGD update) or an elementwise
+            ``torch.optim.Optimizer`` subclass, built over the flat buffers.
+        base_kwargs: keyword arguments of ``base_optimizer`` (``lr`` defaults to ``lr``).
+        param_groups: None (one group) or a list of dicts over ``replicas[0]``'s parameters.
+        fused: None (eager kernels, the reference numbers) or ``"compile"``: the built-in update
+            as one ``torch.compile`` kernel per buffer (agrees to float rounding; falls back to
+            the eager kernels with a warning where torch.compile cannot run).
 
     Raises:
-        TypeError: if ``replicas`` is not a :class:`Replicas`.
-        ValueError: on an invalid hyperparameter.
+        TypeError: if ``replicas`` is not a :class:`Replicas`, or on a bad base optimizer or
+            param group type.
+        ValueError: on an invalid hyperparameter or param group.
 
     Example:
         >>> reps = Replicas(lambda: torch.nn.Linear(4, 2), 3, seed=0)
@@ -449,6 +670,10 @@ class ReplicatedSGD(Optimizer):
         >>> opt.step()
         >>> opt.grad_evals
         3
+        >>> adamw = ReplicatedSGD(reps, lr=1e-3, gamma=1e-3, base_optimizer=torch.optim.AdamW,
+        ...                       base_kwargs={"weight_decay": 0.01})
+        >>> type(adamw.base).__name__, len(adamw.param_groups)
+        ('AdamW', 1)
     """
 
     def __init__(
@@ -462,38 +687,111 @@ class ReplicatedSGD(Optimizer):
         gamma: float,
         coupling_every: int = 1,
         backend: str = "loop",
+        base_optimizer: type[Optimizer] | None = None,
+        base_kwargs: dict[str, Any] | None = None,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fused: str | None = None,
     ) -> None:
-        if not isinstance(replicas, Replicas):
-            raise TypeError(f"ReplicatedSGD needs a Replicas container, got {type(replicas)}")
+        replicas = _as_replicas(replicas)
         if backend not in _BACKENDS:
             raise ValueError(f"Invalid backend value: {backend!r} (expected one of {_BACKENDS})")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            gamma=gamma,
-            coupling_every=coupling_every,
-        )
-        self._check_group(defaults)
+        if fused not in _FUSED:
+            raise ValueError(f"Invalid fused value: {fused!r} (expected one of {_FUSED})")
+        coupling = dict(gamma=gamma, coupling_every=coupling_every)
+        if base_optimizer is None:
+            if base_kwargs:
+                raise ValueError("base_kwargs given without base_optimizer")
+            defaults = dict(
+                lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **coupling
+            )
+            _check_sgd_group(defaults)
+        else:
+            kwargs = _check_base(base_optimizer, base_kwargs)
+            if momentum != 0.0 or nesterov or weight_decay != 0.0:
+                raise ValueError(
+                    "momentum, nesterov and weight_decay belong in base_kwargs when a "
+                    f"base_optimizer is given (got {momentum}, {nesterov}, {weight_decay})"
+                )
+            check_nonneg("learning rate", lr)
+            _check_coupling(coupling)
+            defaults = dict(lr=lr, **coupling)
         self.replicas = replicas
         self.backend = backend
+        self.fused = fused
         self.grad_evals = 0
         self.steps = 0
-        super().__init__(replicas.flat_params, defaults)
+        self.base: Optimizer | None = None
+        self._ready = False
+        groups = self._flat_param_groups(param_groups, defaults, base_optimizer is None)
+        if base_optimizer is None:
+            super().__init__(groups, defaults)
+        else:
+            self._init_base(base_optimizer, kwargs, groups, defaults, param_groups)
+        self._ready = True
 
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
-        check_sgd_args(group["lr"], group["momentum"], group["weight_decay"], group["nesterov"])
-        check_nonneg("gamma", group["gamma"])
-        k = group["coupling_every"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Invalid coupling_every value: {k} (expected an int >= 1)")
+    def _flat_param_groups(
+        self, param_groups: Any, defaults: dict[str, Any], builtin: bool
+    ) -> list[dict[str, Any]]:
+        """Validate ``param_groups`` and regroup the replicas' flat buffers to match them."""
+        reps = self.replicas
+        if param_groups is None:
+            return [{"params": reps.flat_params}]
+        resolved = _resolve_groups(reps, param_groups)
+        for i, (_, opts) in enumerate(resolved):
+            try:
+                if builtin:
+                    _check_sgd_group({**defaults, **opts})
+                else:
+                    _check_coupling({**defaults, **opts})
+            except ValueError as exc:
+                raise ValueError(f"param group {i}: {exc}") from None
+        reps.regroup([names for names, _ in resolved])
+        flats = reps.flat_params
+        return [
+            {"params": [flats[k] for k in idx], **opts}
+            for idx, (_, opts) in zip(reps.flat_groups, resolved)
+        ]
+
+    def _init_base(
+        self,
+        base_optimizer: type[Optimizer],
+        kwargs: dict[str, Any],
+        groups: list[dict[str, Any]],
+        defaults: dict[str, Any],
+        param_groups: Any,
+    ) -> None:
+        """Build the base optimizer over the flat groups; share its param-group dicts."""
+        kwargs.setdefault("lr", defaults["lr"])
+        try:
+            self.base = base_optimizer(groups, **kwargs)
+        except Exception:
+            if param_groups is not None:
+                self.replicas.regroup(None)
+            raise
+        # our groups ARE the base's groups (same dicts): schedulers writing lr or gamma reach both
+        super().__init__(self.base.param_groups, defaults)
+        self.param_groups = self.base.param_groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group of flat buffers (validated like the constructor's arguments)."""
+        """Add a param group of flat buffers, validated BEFORE it is appended.
+
+        Raises:
+            TypeError: if ``param_group`` is not a dict.
+            ValueError: on an invalid value (``param_groups`` is then unchanged).
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group)}")
+        trial = {**self.defaults, **param_group}
+        if self.base is None:
+            _check_sgd_group(trial)
+        else:
+            _check_coupling(trial)
+        if self.base is not None and self._ready:
+            for key in ("gamma", "coupling_every"):
+                param_group.setdefault(key, self.defaults[key])
+            self.base.add_param_group(param_group)  # appends to the shared list
+            return
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
 
     def forward_all(self, xs: Tensor | Sequence[Tensor]) -> Tensor:
         """``replicas.forward_all(xs, backend=self.backend)``."""
@@ -511,11 +809,12 @@ class ReplicatedSGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Coupling (every ``K`` steps) + SGD step on all replicas.
+        """Coupling (every ``K`` steps) + base update on all replicas.
 
         Args:
             closure: optional; zeroes the gradients, runs every replica on its own minibatch,
-                backpropagates the summed loss and returns it.
+                backpropagates the summed loss and returns it. If it raises, the weights, the
+                optimizer state and the counters are left as they were.
 
         Returns:
             The closure's loss, or None.
@@ -527,48 +826,145 @@ class ReplicatedSGD(Optimizer):
         self.replicas.sync_grads()
         t = self.steps
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            k, gamma, wd = group["coupling_every"], group["gamma"], group["weight_decay"]
-            # (with y = 1 the coupling is exactly zero: skip it, keeping plain SGD bitwise)
-            if gamma != 0.0 and t % k == 0 and len(self.replicas) > 1:
-                # G += K gamma (W - c) + wd W, folded into two in-place kernels per buffer.
-                # c = sum_a w_a / y: the 1/y is folded into the kernel's alpha (one pass less).
-                kg = k * gamma
-                y = len(self.replicas)
-                for w, g in zip(params, grads):
-                    add_coupling_(g, w, w.sum(0, keepdim=True), kg, wd, y)
-                wd = 0.0
-            states = [self.state[p] for p in params]
-            bufs = sgd_step_(
-                params,
-                grads,
-                [s.get("momentum_buffer") for s in states],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                weight_decay=wd,
-            )
-            if group["momentum"] != 0.0:
-                for s, b in zip(states, bufs):
-                    s["momentum_buffer"] = b
+            if self.base is None:
+                self._sgd_group(group, t)
+            else:
+                self._couple_group(group, t)
+        if self.base is not None:
+            self.base.step()
         self.steps += 1
         self.grad_evals += len(self.replicas)
         return loss
 
+    def _couple_group(self, group: dict[str, Any], t: int) -> None:
+        """``G += K gamma (W - c)`` on the group's flat gradients (base-optimizer path)."""
+        k, gamma, y = group["coupling_every"], group["gamma"], len(self.replicas)
+        if gamma != 0.0 and t % k == 0 and y > 1:
+            for w in group["params"]:
+                if w.grad is not None:
+                    add_coupling_(w.grad, w, w.sum(0, keepdim=True), k * gamma, 0.0, y)
+
+    def _sgd_group(self, group: dict[str, Any], t: int) -> None:
+        """The built-in update of one param group (coupling + torch.optim.SGD step)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        k, gamma, wd = group["coupling_every"], group["gamma"], group["weight_decay"]
+        y = len(self.replicas)
+        # (with y = 1 the coupling is exactly zero: skip it, keeping plain SGD bitwise)
+        couple = gamma != 0.0 and t % k == 0 and y > 1
+        states = [self.state[p] for p in params]
+        if self.fused == "compile" and self._sgd_group_compiled(group, params, states, couple):
+            return
+        if couple:
+            # G += K gamma (W - c) + wd W, folded into two in-place kernels per buffer.
+            # c = sum_a w_a / y: the 1/y is folded into the kernel's alpha (one pass less).
+            for w, g in zip(params, grads):
+                add_coupling_(g, w, w.sum(0, keepdim=True), k * gamma, wd, y)
+            wd = 0.0
+        bufs = sgd_step_(
+            params,
+            grads,
+            [s.get("momentum_buffer") for s in states],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            weight_decay=wd,
+        )
+        if group["momentum"] != 0.0:
+            for s, b in zip(states, bufs):
+                s["momentum_buffer"] = b
+
+    def _sgd_group_compiled(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict], couple: bool
+    ) -> bool:
+        """The built-in update through the compiled kernel; False where it cannot run."""
+        fn = _compiled_update()
+        mom = group["momentum"]
+        if fn is None or (mom != 0.0 and any("momentum_buffer" not in s for s in states)):
+            return False  # first momentum step (buffer = G, as torch) or no compiler: eager
+        kg = group["coupling_every"] * group["gamma"] if couple else 0.0
+        for w, s in zip(params, states):
+            scal = torch.tensor(
+                [kg, group["weight_decay"], group["lr"], mom], dtype=w.dtype, device=w.device
+            )
+            buf = s["momentum_buffer"] if mom != 0.0 else None
+            fn(w.detach(), w.grad, buf, scal, len(self.replicas), couple, group["nesterov"])
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        """Torch optimizer state (``[y, N]`` momenta) plus the step and gradient counters."""
+        """Torch optimizer state (``[y, N]`` momenta) plus the counters (and the base's state)."""
         sd = super().state_dict()
-        sd["replicated_sgd"] = {"grad_evals": self.grad_evals, "steps": self.steps}
+        base = None if self.base is None else type(self.base).__name__
+        sd["replicated_sgd"] = {"grad_evals": self.grad_evals, "steps": self.steps, "base": base}
+        if self.base is not None:
+            sd["base"] = self.base.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`."""
-        sd = dict(state_dict)
-        extra = sd.pop("replicated_sgd", None)
-        super().load_state_dict(sd)
-        if extra is not None:
-            self.grad_evals = int(extra["grad_evals"])
-            self.steps = int(extra["steps"])
+        """Load a :meth:`state_dict`; everything is checked before anything is changed.
+
+        Raises:
+            TypeError: if ``state_dict`` is not a dict.
+            ValueError: if it is not a ReplicatedSGD state of the same layout (another
+                optimizer's state, another base optimizer, other groups or buffer shapes).
+        """
+        extra = self._check_loadable(state_dict)
+        sd = {k: v for k, v in state_dict.items() if k not in ("replicated_sgd", "base")}
+        if self.base is None:
+            super().load_state_dict(sd)
+        else:
+            self.base.load_state_dict(state_dict["base"])
+            self.param_groups = self.base.param_groups
+        self.grad_evals = int(extra["grad_evals"])
+        self.steps = int(extra["steps"])
+
+    def _check_loadable(self, state_dict: Any) -> dict[str, Any]:
+        """Validate a state dict against this optimizer; return its 'replicated_sgd' entry."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict)}")
+        extra = state_dict.get("replicated_sgd")
+        if not isinstance(extra, dict) or not {"grad_evals", "steps"} <= set(extra):
+            others = [k for k in state_dict if k not in ("state", "param_groups")]
+            raise ValueError(
+                "not a ReplicatedSGD state dict (no 'replicated_sgd' entry; extra keys "
+                f"{others}): the state of another optimizer cannot be loaded"
+            )
+        mine = None if self.base is None else type(self.base).__name__
+        if extra.get("base") != mine or (mine is not None and "base" not in state_dict):
+            raise ValueError(
+                f"state dict of a ReplicatedSGD with base optimizer {extra.get('base')}, "
+                f"this one has {mine}"
+            )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(groups) if isinstance(groups, list) else groups!r} param "
+                f"groups, this optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"param group {i} holds another number of flat buffers")
+            try:
+                _check_sgd_group(saved) if self.base is None else _check_coupling(saved)
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"state dict param group {i} is invalid: {exc!r}") from None
+        if self.base is None:
+            self._check_saved_buffers(state_dict)
+        return extra
+
+    def _check_saved_buffers(self, state_dict: dict[str, Any]) -> None:
+        """Every saved momentum buffer has its flat buffer's shape."""
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        shape_of = {i: p.shape for i, p in zip(ids, params)}
+        for i, st in state_dict.get("state", {}).items():
+            buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+            if set(st) - {"momentum_buffer"} or (
+                buf is not None and (i not in shape_of or buf.shape != shape_of[i])
+            ):
+                raise ValueError(
+                    f"state entry {i} ({sorted(st)}) does not fit a flat buffer of shape "
+                    f"{tuple(shape_of.get(i, ()))}"
+                )

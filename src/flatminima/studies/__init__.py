@@ -5,7 +5,8 @@
 * :func:`tune`: grid search of one optimizer on a validation split; writes a preset fragment.
 * :func:`correlation_study`: many networks over a grid; Kendall tau / Spearman rho (bootstrap
   intervals) between flatness measures and test error / generalization gap.
-* :func:`load_preset` / :func:`arm_config`: YAML presets (shipped in ``flatminima/presets/*.yaml``) of hyperparameters.
+* :func:`load_preset` / :func:`arm_config`: YAML presets of hyperparameters (shipped in
+  ``flatminima/presets/*.yaml``).
 
 Every study trains into run folders and is resumable: re-running skips finished runs and cached
 measurements.

@@ -25,7 +25,10 @@ def _names(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="preset name (shipped in flatminima/presets/NAME.yaml, or ./configs/NAME.yaml)")
+    p.add_argument(
+        "--preset",
+        help="preset name (shipped in flatminima/presets/NAME.yaml, or ./configs/NAME.yaml)",
+    )
     p.add_argument("--preset-file", type=Path, help="preset YAML file (common: + per-optimizer)")
     p.add_argument("--data", help="data set (overrides the preset)")
     p.add_argument("--model", help="model name (overrides the preset)")
