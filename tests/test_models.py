@@ -3,6 +3,7 @@ determinism, torch.func compatibility and a small optimisation sanity check."""
 
 from __future__ import annotations
 
+import csv
 import doctest
 import gzip
 import math
@@ -22,8 +23,12 @@ import flatminima.models as fm_models
 from flatminima.models import (
     MLP,
     MODELS,
+    DropPath,
+    EfficientNetB0,
+    MBConv,
     ResNet18,
     SmallCNN,
+    SqueezeExcitation,
     WideResNet,
     build_model,
     count_parameters,
@@ -37,6 +42,7 @@ SMALL_KWARGS: dict[str, dict[str, object]] = {
     "cnn": {"width": 8},
     "resnet18": {"width": 4},
     "wrn": {"depth": 10, "widen_factor": 1},
+    "efficientnet_b0": {"width_mult": 0.25, "depth_mult": 0.25},
 }
 
 
@@ -452,3 +458,163 @@ def test_cnn_fashion_mnist_below_10_percent_in_10_epochs() -> None:
             for i in range(0, len(xte), 256)
         )
     assert wrong / len(xte) < 0.10
+
+
+# ----------------------------------------------------------------------------- EfficientNet-B0
+# (expand, kernel, stride, channels, blocks) of the reference B0, written out independently.
+B0_TABLE = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+
+
+def efficientnet_b0_count(c_in: int, c: int) -> int:
+    """Closed form: BN has 2 parameters per channel, convs no bias, SE convs and the head bias."""
+    total = 9 * c_in * 32 + 2 * 32  # stem
+    cin = 32
+    for e, k, _, cout, n in B0_TABLE:
+        for _ in range(n):
+            hidden, squeeze = cin * e, max(1, cin // 4)
+            if e != 1:
+                total += cin * hidden + 2 * hidden  # expand 1x1 + BN
+            total += k * k * hidden + 2 * hidden  # depthwise + BN
+            total += 2 * hidden * squeeze + squeeze + hidden  # squeeze-excitation
+            total += hidden * cout + 2 * cout  # project 1x1 + BN
+            cin = cout
+    return total + 320 * 1280 + 2 * 1280 + 1280 * c + c  # head 1x1 + BN, classifier
+
+
+def test_efficientnet_b0_published_parameter_count() -> None:
+    model = build_model("efficientnet_b0", (3, 224, 224), 1000)
+    assert count_parameters(model) == 5_288_548  # Tan & Le (2019), torchvision efficientnet_b0
+    assert efficientnet_b0_count(3, 1000) == 5_288_548
+    # The CIFAR-size and 1-channel variants differ only in the stem's input and the head.
+    assert count_parameters(EfficientNetB0((3, 32, 32), 10)) == efficientnet_b0_count(3, 10)
+    assert count_parameters(EfficientNetB0((1, 28, 28), 10)) == efficientnet_b0_count(1, 10)
+    # Compound scaling reproduces torchvision's efficientnet_b1 / b2 (width, depth multipliers).
+    b1 = EfficientNetB0((3, 240, 240), 1000, width_mult=1.0, depth_mult=1.1)
+    b2 = EfficientNetB0((3, 260, 260), 1000, width_mult=1.1, depth_mult=1.2)
+    assert (count_parameters(b1), count_parameters(b2)) == (7_794_184, 9_109_994)
+
+
+def test_efficientnet_b0_structure_and_stem_stride() -> None:
+    big = EfficientNetB0((3, 224, 224), 1000)
+    cifar = EfficientNetB0((3, 32, 32), 10)
+    assert big.stem[0].stride == (2, 2) and cifar.stem[0].stride == (1, 1)
+    assert EfficientNetB0((3, 32, 32), 10, stem_stride=2).stem[0].stride == (2, 2)
+    big_shapes = {n: p.shape for n, p in big.named_parameters() if not n.startswith("classifier")}
+    cifar_shapes = {n: p.shape for n, p in cifar.named_parameters()}
+    assert all(cifar_shapes[n] == shape for n, shape in big_shapes.items())  # same body
+    blocks = [b for stage in big.stages for b in stage]
+    assert [len(stage) for stage in big.stages] == [n for *_, n in B0_TABLE]
+    assert all(isinstance(b, MBConv) for b in blocks)
+    dw = [m for m in big.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(dw) == 16 and all(m.groups == m.in_channels == m.out_channels for m in dw)
+    # SE squeezes to a quarter of the block *input* channels: stage 2 block 1 is 16 -> 96 -> 24.
+    se = blocks[1].block[2]
+    assert isinstance(se, SqueezeExcitation)
+    assert (se.fc1.in_channels, se.fc1.out_channels) == (96, 4)
+    assert isinstance(se.act, nn.SiLU) and big.head[1].num_features == 1280
+    assert big.dropout.p == 0.2 and big.classifier.in_features == 1280
+    # Stochastic depth grows linearly: block i of 16 has rate 0.2 * i / 16 (residual ones only).
+    for i, block in enumerate(blocks):
+        assert block.residual == (isinstance(block.drop_path, DropPath))
+        if block.residual:
+            assert block.drop_path.p == pytest.approx(0.2 * i / 16)
+    # 28x28 (Fashion-MNIST) and 32x32 (CIFAR) end at 2x2 feature maps with stride 1.
+    features = cifar.eval().stages(cifar.stem(torch.zeros(1, 3, 32, 32)))
+    assert features.shape == (1, 320, 2, 2)
+
+
+def test_efficientnet_b0_forward_backward_cifar_and_fashion() -> None:
+    torch.manual_seed(0)
+    for shape in [(3, 32, 32), (1, 28, 28)]:
+        model = build_model("efficientnet_b0", shape, 10)
+        x = torch.randn(2, *shape)
+        out = model(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        out.square().sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mbconv_residual_branch_by_direct_computation() -> None:
+    torch.manual_seed(0)
+    block = MBConv(16, 16, 5, 1, 6, drop_path=0.5).eval()
+    x = torch.randn(3, 16, 6, 6)
+    b = block.block
+    h = F.silu(b[0][1](b[0][0](x)))  # expand
+    h = F.silu(b[1][1](b[1][0](h)))  # depthwise
+    gate = torch.sigmoid(b[2].fc2(F.silu(b[2].fc1(h.mean((2, 3), keepdim=True)))))
+    h = b[3][1](b[3][0](h * gate))  # project, no activation
+    assert_close(block(x), x + h)  # drop-path is the identity in eval mode
+    strided = MBConv(16, 24, 3, 2, 6, drop_path=0.5)
+    assert not strided.residual and strided(x).shape == (3, 24, 3, 3)
+
+
+def test_drop_path_drops_whole_samples_with_the_right_expectation() -> None:
+    torch.manual_seed(0)
+    p, n = 0.3, 20_000
+    drop = DropPath(p)
+    x = torch.rand(n, 2, 3, 3) + 0.5  # no zeros
+    assert torch.equal(drop.eval()(x), x)
+    y = drop.train()(x)
+    ratio = (y / x).reshape(n, -1)
+    dropped = (ratio == 0).all(1)
+    kept = (ratio - 1 / (1 - p)).abs().max(1).values < 1e-5
+    assert bool((dropped | kept).all())  # every sample is either zeroed or scaled by 1/(1-p)
+    se = math.sqrt(p * (1 - p) / n)
+    assert abs(dropped.float().mean().item() - p) < 5 * se
+    # E[y] = x: the mean of y/x over samples is 1 within five standard errors.
+    assert abs(ratio[:, 0].mean().item() - 1) < 5 * math.sqrt(p / (1 - p) / n)
+    assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"width_mult": 0}, "width_mult"),
+        ({"depth_mult": -1.0}, "depth_mult"),
+        ({"drop_path": 1.0}, "drop-path"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"stem_stride": 3}, "stem_stride"),
+    ],
+)
+def test_efficientnet_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_model("efficientnet_b0", (3, 32, 32), 10, **kwargs)
+
+
+def test_efficientnet_docstring_examples() -> None:
+    result = doctest.testmod(fm_models.efficientnet, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_cli_trains_efficientnet_b0_on_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from flatminima.cli import main
+    from flatminima.train import TrainConfig, Trainer, load_run
+
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--model", "efficientnet_b0", "--train-subset", "128"]
+    args += ["--batch-size", "32", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "efficientnet_b0" in capsys.readouterr().out
+    trained = load_run(out).algo.model
+    fresh = Trainer(TrainConfig.from_yaml(out / "config.yaml"), None, progress=False).algo.model
+    assert isinstance(trained, EfficientNetB0) and trained.stem_stride == 1
+    assert count_parameters(trained) == efficientnet_b0_count(1, 10)
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert int(rows[-1]["grad_evals"]) == 128 and math.isfinite(float(rows[-1]["train_loss"]))
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, fresh.get_parameter(n))]
+    assert len(moved) == len(list(trained.parameters()))  # SGD updated every parameter
+    stats = trained.stem[1].running_mean
+    assert not torch.equal(stats, torch.zeros_like(stats))  # BatchNorm statistics were tracked

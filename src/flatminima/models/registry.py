@@ -12,6 +12,7 @@ from torch import nn
 
 from ._validation import check_input_shape, check_num_classes
 from .cnn import SmallCNN
+from .efficientnet import EfficientNetB0
 from .mlp import MLP, parse_hidden
 from .resnet import ResNet18
 from .wide_resnet import WideResNet
@@ -21,13 +22,14 @@ __all__ = ["MODELS", "MODEL_KWARGS", "build_model", "count_parameters"]
 logger = logging.getLogger(__name__)
 
 #: Built-in model names accepted by :func:`build_model`.
-MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet18", "wrn")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet18", "wrn", "efficientnet_b0")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet18": ResNet18,
     "wrn": WideResNet,
+    "efficientnet_b0": EfficientNetB0,
 }
 
 #: Keyword arguments each built-in model accepts (besides input_shape and num_classes).
@@ -36,6 +38,7 @@ MODEL_KWARGS: dict[str, tuple[str, ...]] = {
     "cnn": ("width", "batchnorm", "dropout"),
     "resnet18": ("width",),
     "wrn": ("depth", "widen_factor", "dropout"),
+    "efficientnet_b0": ("width_mult", "depth_mult", "dropout", "drop_path", "stem_stride"),
 }
 
 _EXTERNAL = {"timm": "timm", "torchvision": "torchvision"}
@@ -82,7 +85,10 @@ def build_model(
     - ``"cnn"``: :class:`~flatminima.models.SmallCNN` -- ``width``, ``batchnorm``, ``dropout``;
     - ``"resnet18"``: :class:`~flatminima.models.ResNet18` -- ``width``;
     - ``"wrn"``: :class:`~flatminima.models.WideResNet` -- ``depth``, ``widen_factor``,
-      ``dropout``.
+      ``dropout``;
+    - ``"efficientnet_b0"``: :class:`~flatminima.models.EfficientNetB0` -- ``width_mult``,
+      ``depth_mult``, ``dropout``, ``drop_path``, ``stem_stride`` (stride 1 below 128 pixels:
+      the CIFAR / Fashion-MNIST variant; 2 from 128 pixels: the ImageNet network).
 
     ``"timm:<model>"`` calls ``timm.create_model(model, num_classes=num_classes,
     in_chans=C, **kwargs)`` and ``"torchvision:<model>"`` calls
