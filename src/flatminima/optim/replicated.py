@@ -486,9 +486,10 @@ def _check_coupling(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid coupling_every value: {k} (expected an int >= 1)")
 
 
-def _check_sgd_group(group: dict[str, Any]) -> None:
+def _check_sgd_group(group: dict[str, Any], strict: bool = False) -> None:
+    """Validate a built-in-path group; ``strict``: also refuse keys it does not use."""
     unknown = sorted(set(group) - set(_SGD_KEYS) - {"params"})
-    if unknown:
+    if strict and unknown:
         raise ValueError(
             f"Invalid param group keys {unknown} for the built-in SGD update (expected some of "
             f"{_SGD_KEYS}; pass base_optimizer to use another optimizer's options)"
@@ -740,7 +741,7 @@ class ReplicatedSGD(Optimizer):
         for i, (_, opts) in enumerate(resolved):
             try:
                 if builtin:
-                    _check_sgd_group({**defaults, **opts})
+                    _check_sgd_group({**defaults, **opts}, strict=True)
                 else:
                     _check_coupling({**defaults, **opts})
             except ValueError as exc:
