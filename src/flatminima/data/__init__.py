@@ -7,11 +7,24 @@ them into train / validation / test splits; :class:`TensorLoader` batches them o
 
 from .augment import Augment, default_augment
 from .cifar import read_cifar10, read_cifar100, read_cifar_batch
-from .datasets import ArrayDataset, DatasetNotFoundError, DataSplits, load_dataset
+from .datasets import (
+    ArrayDataset,
+    DatasetNotFoundError,
+    DataSplits,
+    download_dataset,
+    load_dataset,
+)
 from .download import DownloadError, download_file, verify_checksum
 from .idx import read_idx, write_idx
 from .loader import TensorLoader
-from .sources import DATASETS, data_home, describe_datasets, how_to_obtain, locate_dataset
+from .sources import (
+    DATASETS,
+    data_home,
+    describe_datasets,
+    find_idx_files,
+    how_to_obtain,
+    locate_dataset,
+)
 from .synthetic import gaussian_mixture, teacher_student
 from .tiny_imagenet import read_tiny_imagenet
 
@@ -26,7 +39,9 @@ __all__ = [
     "data_home",
     "default_augment",
     "describe_datasets",
+    "download_dataset",
     "download_file",
+    "find_idx_files",
     "gaussian_mixture",
     "how_to_obtain",
     "load_dataset",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,14 @@ from .sources import (
     SYNTHETIC_DATASETS,
     check_name,
     data_home,
+    explain_missing,
+    find_idx_files,
     how_to_obtain,
     locate_dataset,
 )
 from .synthetic import gaussian_mixture, teacher_student
 
-__all__ = ["ArrayDataset", "DataSplits", "DatasetNotFoundError", "load_dataset"]
+__all__ = ["ArrayDataset", "DataSplits", "DatasetNotFoundError", "download_dataset", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class DataSplits:
         input_shape: ``(C, H, W)`` for images, ``(D,)`` for vectors.
         source: where the data came from (a folder, ``"scikit-learn"`` or ``"synthetic"``).
         mean, std: per-channel statistics used to normalise (``None`` when not normalised).
+        files: the data files read (IDX sets: train images, train labels, test images, test
+            labels); empty for generated sets and where not recorded.
     """
 
     name: str
@@ -93,6 +98,7 @@ class DataSplits:
     source: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    files: tuple[str, ...] = ()
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -100,13 +106,8 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _find_idx(folder: Path, stem: str) -> Path:
-    gz = folder / (stem + ".gz")
-    return gz if gz.is_file() else folder / stem
-
-
 # ----------------------------------------------------------------------------- raw readers
-# Each returns (x_train, y_train, x_test, y_test, num_classes, source); images are uint8
+# Each returns (x_train, y_train, x_test, y_test, num_classes, source[, files]); images are uint8
 # [N, C, H, W] (scaled to [0, 1] later), vectors float32 [N, D].
 
 
@@ -116,19 +117,56 @@ def _obtain(name: str, root: str | os.PathLike | None, download: bool) -> Path:
         logger.info("%s: using files in %s", name, folder)
         return folder
     if not download or name not in REMOTE_FILES:
-        hint = "" if name not in REMOTE_FILES else " (or pass download=True)"
+        hint = (
+            ""
+            if name not in REMOTE_FILES
+            else f" (or run `flatminima data --download {name}`; Python: download=True)"
+        )
         raise DatasetNotFoundError(
-            f"data set {name!r} not found (searched root={root}, $FLATMINIMA_DATA, system "
-            f"folders, cache){hint}. {how_to_obtain(name)}"
+            f"data set {name!r} not found ({explain_missing(name, root)}){hint}. "
+            f"{how_to_obtain(name)}"
+        )
+    return download_dataset(name, root)
+
+
+def download_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> Path:
+    """Download ``name``'s files (checksummed) into ``root`` (default :func:`data_home`).
+
+    Files already there with the right checksum are kept; archives (CIFAR) are extracted.
+
+    Args:
+        name: a data set with known URLs (``fashion-mnist``, ``mnist``, ``cifar10``,
+            ``cifar100``).
+        root: destination base folder; IDX sets go to ``root/NAME``.
+        progress: called as ``progress(filename, bytes_done, bytes_total_or_None)``.
+
+    Returns:
+        The folder holding the data set's files.
+
+    Raises:
+        ValueError: unknown name, a name without known URLs, or a checksum mismatch.
+        DatasetNotFoundError: every mirror failed (offline); the message says how to obtain the
+            files by hand.
+    """
+    check_name(name)
+    if name not in REMOTE_FILES:
+        raise ValueError(
+            f"no download is known for {name!r} (downloadable: {', '.join(REMOTE_FILES)}). "
+            f"{how_to_obtain(name)}"
         )
     home = data_home(root)
     try:
         if name in ("fashion-mnist", "mnist"):
             for remote in REMOTE_FILES[name]:
-                download_file(remote, home / name, how_to=how_to_obtain(name))
+                download_file(remote, home / name, how_to=how_to_obtain(name), progress=progress)
         else:
             (remote,) = REMOTE_FILES[name]
-            archive = download_file(remote, home, how_to=how_to_obtain(name))
+            archive = download_file(remote, home, how_to=how_to_obtain(name), progress=progress)
             extract_tar(archive, home)
     except DownloadError as err:
         raise DatasetNotFoundError(str(err)) from err
@@ -138,17 +176,42 @@ def _obtain(name: str, root: str | os.PathLike | None, download: bool) -> Path:
     return folder
 
 
+def _check_idx_pair(x: torch.Tensor, y: torch.Tensor, xpath: Path, ypath: Path) -> None:
+    """Images ``[N, H, W]`` uint8 and labels ``[N]`` integers in [0, 9], or a ValueError naming
+    the file and what is wrong."""
+    if x.ndim != 3 or x.dtype != torch.uint8:
+        raise ValueError(
+            f"{xpath}: not an IDX image file: expected uint8 images [N, H, W], found "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
+    if y.ndim != 1 or y.dtype.is_floating_point:
+        raise ValueError(
+            f"{ypath}: not an IDX label file: expected integer labels [N], found "
+            f"{y.dtype} {tuple(y.shape)}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{ypath}: {y.shape[0]} labels but {xpath.name} holds {x.shape[0]} images "
+            "(the counts must agree; a truncated or mismatched file?)"
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > 9):
+        bad = y[(y < 0) | (y > 9)]
+        raise ValueError(
+            f"{ypath}: {bad.numel()} labels outside the classes 0..9 (e.g. {int(bad[0])})"
+        )
+
+
 def _load_idx_set(folder: Path) -> tuple:
-    xs = [read_idx(_find_idx(folder, s)) for s in IDX_FILES]
-    x_train, y_train, x_test, y_test = xs
-    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
-        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{folder}: {split} images {tuple(x.shape)} and labels {tuple(y.shape)} do not "
-                "match (expected [N, H, W] and [N])"
-            )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > 9):
-            raise ValueError(f"{folder}: {split} labels outside [0, 9]")
+    found = find_idx_files(folder)
+    paths = [found[s] for s in IDX_FILES]
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    _check_idx_pair(x_train, y_train, paths[0], paths[1])
+    _check_idx_pair(x_test, y_test, paths[2], paths[3])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"{paths[2]}: test images are {tuple(x_test.shape[1:])} but training images "
+            f"{tuple(x_train.shape[1:])}"
+        )
     return (
         x_train[:, None],
         y_train.long(),
@@ -156,6 +219,7 @@ def _load_idx_set(folder: Path) -> tuple:
         y_test.long(),
         10,
         str(folder),
+        tuple(str(p) for p in paths),
     )
 
 
@@ -316,7 +380,9 @@ def load_dataset(
     """
     check_name(name)
     _check_args(val_size, train_subset, label_noise, seed)
-    x_tr, y_tr, x_te, y_te, k, source = _load_raw(name, root, download, seed, synthetic_kwargs)
+    x_tr, y_tr, x_te, y_te, k, source, *files = _load_raw(
+        name, root, download, seed, synthetic_kwargs
+    )
     if x_tr.dtype == torch.uint8:
         x_tr, x_te = x_tr.float().div_(255.0), x_te.float().div_(255.0)
     x_tr, x_te = x_tr.float(), x_te.float()
@@ -360,6 +426,7 @@ def load_dataset(
         source=source,
         mean=mean,
         std=std,
+        files=tuple(files[0]) if files else (),
     )
     logger.info(
         "%s: train %d, val %d, test %d, %d classes, input %s, from %s",

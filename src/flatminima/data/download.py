@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,10 +121,28 @@ def verify_checksum(
             )
 
 
-def _fetch(url: str, dest: Path, timeout: float) -> None:
-    """Stream ``url`` to ``dest`` (file:// URLs work too). Separate so tests can replace it."""
+def _fetch(
+    url: str,
+    dest: Path,
+    timeout: float,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> None:
+    """Stream ``url`` to ``dest`` (file:// URLs work too). Separate so tests can replace it.
+
+    ``progress(bytes_done, bytes_total_or_None)`` is called after every chunk.
+    """
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
-        shutil.copyfileobj(resp, out, length=1 << 20)
+        if progress is None:
+            shutil.copyfileobj(resp, out, length=1 << 20)
+            return
+        length = resp.headers.get("Content-Length") if resp.headers else None
+        total = int(length) if length and length.isdigit() else None
+        done = 0
+        progress(done, total)
+        for chunk in iter(lambda: resp.read(1 << 16), b""):
+            out.write(chunk)
+            done += len(chunk)
+            progress(done, total)
 
 
 def download_file(
@@ -132,6 +151,7 @@ def download_file(
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
     how_to: str = "",
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Path:
     """Download ``remote`` into ``folder`` (trying each mirror) and verify its digest.
 
@@ -143,6 +163,7 @@ def download_file(
         folder: destination folder (created if needed).
         timeout: socket timeout per attempt in seconds.
         how_to: extra text for the error message (how to obtain the file by hand).
+        progress: called as ``progress(filename, bytes_done, bytes_total_or_None)``.
 
     Raises:
         DownloadError: every mirror failed (offline, HTTP error).
@@ -163,7 +184,10 @@ def download_file(
     for url in remote.urls:
         logger.info("downloading %s -> %s", url, dest)
         try:
-            _fetch(url, part, timeout)
+            if progress is None:
+                _fetch(url, part, timeout)
+            else:
+                _fetch(url, part, timeout, lambda d, t: progress(remote.filename, d, t))
         except (OSError, urllib.error.URLError, ValueError) as err:
             part.unlink(missing_ok=True)
             errors.append(f"{url}: {err}")

@@ -2,15 +2,20 @@
 
 Search order for a data set ``name``:
 
-1. the explicit ``root`` argument,
-2. ``$FLATMINIMA_DATA``,
-3. the Debian package folder (``/usr/share/datasets/fashion-mnist`` from ``dataset-fashion-mnist``;
-   ``/usr/share/datasets/mnist`` if present),
-4. the download cache ``$XDG_CACHE_HOME/flatminima`` (default ``~/.cache/flatminima``).
+1. the explicit ``root`` argument (``--data-root``); when given, *only* this folder is searched,
+2. else ``$FLATMINIMA_DATA``; when set, *only* this folder is searched,
+3. else the Debian package folder (``/usr/share/datasets/fashion-mnist`` from
+   ``dataset-fashion-mnist``; ``/usr/share/datasets/mnist`` if present), then the download cache
+   ``$XDG_CACHE_HOME/flatminima`` (default ``~/.cache/flatminima``).
+
+A folder the user named never falls back to another one: a missing or incomplete user folder is
+an error (see :func:`explain_missing`), so a run never trains on other data than the user meant.
 
 Inside each base folder ``B`` the files may sit in a sub-folder named like the data set
 (``B/fashion-mnist``, ``B/cifar-10-batches-py``, ...), in torchvision's layout
-(``B/FashionMNIST/raw``) or directly in ``B``.
+(``B/FashionMNIST/raw``) or directly in ``B``. IDX files (MNIST, Fashion-MNIST) are found under
+the names mirrors ship them with (:func:`find_idx_files`): ``train-images-idx3-ubyte`` or
+``train-images.idx3-ubyte``, gzipped or not, any letter case, in the folder or its ``raw/``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ __all__ = [
     "SYSTEM_DIRS",
     "data_home",
     "default_cache_dir",
+    "explain_missing",
+    "find_idx_files",
     "how_to_obtain",
+    "idx_lookalikes",
     "locate_dataset",
     "describe_datasets",
     "check_name",
@@ -89,20 +97,22 @@ _HOW_TO: dict[str, str] = {
         "/usr/share/datasets/fashion-mnist), or put the four *-ubyte.gz files from "
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ "
         "(github.com/zalandoresearch/fashion-mnist) into $FLATMINIMA_DATA/fashion-mnist, "
-        "or pass download=True when online."
+        "or run `flatminima data --download fashion-mnist` when online (Python: download=True)."
     ),
     "mnist": (
         "Put the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ "
         "(mirror of http://yann.lecun.com/exdb/mnist/) into $FLATMINIMA_DATA/mnist, "
-        "or pass download=True when online."
+        "or run `flatminima data --download mnist` when online (Python: download=True)."
     ),
     "cifar10": (
         "Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into "
-        "$FLATMINIMA_DATA (it creates cifar-10-batches-py/), or pass download=True when online."
+        "$FLATMINIMA_DATA (it creates cifar-10-batches-py/), or run "
+        "`flatminima data --download cifar10` when online (Python: download=True)."
     ),
     "cifar100": (
         "Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into "
-        "$FLATMINIMA_DATA (it creates cifar-100-python/), or pass download=True when online."
+        "$FLATMINIMA_DATA (it creates cifar-100-python/), or run "
+        "`flatminima data --download cifar100` when online (Python: download=True)."
     ),
     "tiny-imagenet": (
         "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into "
@@ -140,8 +150,60 @@ def data_home(root: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else default_cache_dir()
 
 
+def _idx_key(filename: str) -> str:
+    """The canonical stem a file name stands for: lower case, no ``.gz``, ``.idx`` -> ``-idx``."""
+    key = filename.lower()
+    key = key[:-3] if key.endswith(".gz") else key
+    return key.replace(".idx", "-idx")
+
+
+def _files(d: Path) -> list[Path]:
+    """Files directly in ``d`` and in ``d/raw`` (sorted; ``.gz`` before the plain file)."""
+    out: list[Path] = []
+    for folder in (d, d / "raw"):
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: (_idx_key(p.name), p.suffix != ".gz"))
+        except OSError:  # missing, not a folder, or unreadable
+            continue
+        out += [p for p in entries if p.is_file()]
+    return out
+
+
+def find_idx_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The IDX files of :data:`IDX_FILES` found in ``folder`` (or its ``raw/``), by stem.
+
+    A file matches a stem ``S`` (e.g. ``train-images-idx3-ubyte``) under the usual variants of
+    its name: ``S`` or ``S`` with a dot before ``idx`` (``train-images.idx3-ubyte``), with or
+    without ``.gz``, in any letter case. Files directly in ``folder`` win over ``raw/``, a gzipped
+    file over a plain one.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "Train-Images.idx3-ubyte").write_bytes(b"")
+        >>> find_idx_files(d)["train-images-idx3-ubyte"].name
+        'Train-Images.idx3-ubyte'
+    """
+    found: dict[str, Path] = {}
+    for path in _files(Path(folder)):
+        key = _idx_key(path.name)
+        if key in IDX_FILES and key not in found:
+            found[key] = path
+    return found
+
+
+def idx_lookalikes(folder: str | os.PathLike) -> list[Path]:
+    """Files in ``folder`` (or its ``raw/``) that look like IDX data but match no known name."""
+    words = ("ubyte", "idx", "images", "labels", "t10k")
+    return [
+        p
+        for p in _files(Path(folder))
+        if any(w in p.name.lower() for w in words) and _idx_key(p.name) not in IDX_FILES
+    ]
+
+
 def _has_idx(d: Path) -> bool:
-    return all((d / s).is_file() or (d / (s + ".gz")).is_file() for s in IDX_FILES)
+    return len(find_idx_files(d)) == len(IDX_FILES)
 
 
 _CHECKS: dict[str, Callable[[Path], bool]] = {
@@ -155,23 +217,40 @@ _CHECKS: dict[str, Callable[[Path], bool]] = {
 }
 
 
-def _base_dirs(name: str, root: str | os.PathLike | None) -> list[tuple[Path, bool]]:
-    """Base folders in search order; the flag says whether to look inside sub-folders."""
-    bases: list[tuple[Path, bool]] = []
+def user_root(root: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """The folder the user named (``root``, else ``$FLATMINIMA_DATA``) and how it was named."""
     if root is not None:
-        bases.append((Path(root).expanduser(), True))
+        return Path(root).expanduser(), f"data root {Path(root)}"
     env = os.environ.get("FLATMINIMA_DATA")
     if env:
-        bases.append((Path(env).expanduser(), True))
-    bases += [(p, False) for p in SYSTEM_DIRS.get(name, [])]
+        return Path(env).expanduser(), f"$FLATMINIMA_DATA={env}"
+    return None
+
+
+def _base_dirs(name: str, root: str | os.PathLike | None) -> list[tuple[Path, bool]]:
+    """Base folders in search order; the flag says whether to look inside sub-folders."""
+    named = user_root(root)
+    if named is not None:  # a folder the user named: that folder only, never a fallback
+        return [(named[0], True)]
+    bases = [(p, False) for p in SYSTEM_DIRS.get(name, [])]
     bases.append((default_cache_dir(), True))
     return bases
+
+
+def _candidates(name: str, root: str | os.PathLike | None) -> list[Path]:
+    """Every folder searched for ``name``, in order."""
+    out = []
+    for base, nested in _base_dirs(name, root):
+        for sub in _SUBDIRS[name] if nested else (".",):
+            out.append(base / sub if sub != "." else base)
+    return out
 
 
 def locate_dataset(name: str, root: str | os.PathLike | None = None) -> Path | None:
     """Folder holding the files of ``name``, or ``None`` if not found (nothing is downloaded).
 
-    ``digits`` and the synthetic sets have no files and always give ``None``.
+    ``digits`` and the synthetic sets have no files and always give ``None``. When ``root`` is
+    given (or ``$FLATMINIMA_DATA`` is set) only that folder and its sub-folders are searched.
 
     Raises:
         ValueError: unknown ``name``.
@@ -180,12 +259,41 @@ def locate_dataset(name: str, root: str | os.PathLike | None = None) -> Path | N
     if name not in _CHECKS:
         return None
     check = _CHECKS[name]
-    for base, nested in _base_dirs(name, root):
-        for sub in _SUBDIRS[name] if nested else (".",):
-            d = base / sub if sub != "." else base
-            if d.is_dir() and check(d):
-                return d
+    for d in _candidates(name, root):
+        if d.is_dir() and check(d):
+            return d
     return None
+
+
+def explain_missing(name: str, root: str | os.PathLike | None = None) -> str:
+    """Why ``name`` was not found: the folders searched, what they lack, look-alike files.
+
+    For IDX sets it names the missing files of an incomplete folder and lists files that look
+    like the data set but match no known name (e.g. ``train_images.bin``).
+    """
+    check_name(name)
+    named = user_root(root)
+    if named is not None and not named[0].is_dir():
+        what = "is not a folder" if named[0].exists() else "does not exist"
+        return f"{named[1]}: the folder {what}"
+    where = named[1] if named else "system folders and the cache " + str(default_cache_dir())
+    notes = [f"searched {where}"]
+    if name in ("fashion-mnist", "mnist"):
+        seen: set[Path] = set()
+        for d in _candidates(name, root):
+            found = find_idx_files(d)
+            odd = [p for p in idx_lookalikes(d) if p not in seen]
+            if set(found.values()) - seen:
+                missing = [s for s in IDX_FILES if s not in found]
+                notes.append(f"{d} is incomplete: missing {', '.join(missing)}[.gz]")
+            if odd:
+                notes.append(
+                    f"{d} holds files that look like IDX data but match no known name: "
+                    f"{', '.join(p.name for p in odd[:8])} (expected e.g. "
+                    "train-images-idx3-ubyte[.gz] or train-images.idx3-ubyte)"
+                )
+            seen.update(found.values(), odd)
+    return "; ".join(notes)
 
 
 def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
@@ -216,7 +324,8 @@ def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
         else:
             path = locate_dataset(name, root)
             found, kind = path is not None, "images"
-        notes = about[name] if found else f"{about[name]}. Not found: {how_to_obtain(name)}"
+        why = f"{explain_missing(name, root)}. " if kind == "images" and name != "digits" else ""
+        notes = about[name] if found else f"{about[name]}. Not found: {why}{how_to_obtain(name)}"
         rows.append(
             {
                 "name": name,

@@ -8,18 +8,26 @@ and validated once, so that a bad value fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
+import functools
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from flatminima.train import values as _values
+from flatminima.train.values import ConfigError, show
+
 OPTIMIZER_NAMES = ("sgd", "esgd", "rsgd", "sam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 BUDGETS = ("grad-evals", "epochs")
 AMP_MODES = ("none", "bf16", "fp16")
 BN_MODES = ("average", "recalibrate")
+REPLICA_INITS = ("independent", "same")
 
 # Settings that change nothing about the numbers a run produces; a resumed run may differ in them.
 _PRESENTATION_KEYS = frozenset({"progress", "tensorboard", "device", "eval_batch_size"})
@@ -99,30 +107,49 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        """Convert and check every field on its own (types and ranges; see :func:`coerce`)."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(
-                f"Unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}"
-            )
-        cfg = cls(**{k: v for k, v in values.items()})
+        """Build from a mapping and validate it.
+
+        Raises:
+            ConfigError: an unknown key (with the closest valid ones), or a bad value (the
+                message names the key, the value and what is valid).
+        """
+        if not isinstance(values, dict):
+            raise ConfigError(f"a configuration must be a mapping of keys, got {show(values)}")
+        for key in values:
+            check_key(key)
+        cfg = cls(**values)
         cfg.validate()
         return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Load a YAML file (a mapping of config keys), then apply ``overrides``."""
+        """Load a YAML file (a mapping of config keys), then apply ``overrides``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ConfigError: malformed YAML (the message names the file and the line), not a
+                mapping, or a bad key or value (the message names the file).
+        """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file not found: {path}")
-        with path.open() as fh:
-            values = yaml.safe_load(fh) or {}
+        values = load_yaml_file(path) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"Config file {path} must hold a mapping of keys, got {type(values)}")
+            raise ConfigError(
+                f"{path}: a config file must hold a mapping of keys, got {type(values).__name__}"
+            )
+        try:
+            for key, value in values.items():
+                check_key(key)
+                values[key] = coerce(key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         values.update(overrides or {})
         return cls.from_dict(values)
 
@@ -140,110 +167,233 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad value and what would be valid."""
+        """Raise :class:`ConfigError` naming the first bad value and what would be valid.
 
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in options:
-                raise ValueError(f"Invalid {name}: {value!r}; valid: {', '.join(options)}")
+        Every field is checked on its own (:func:`coerce`), then the settings that constrain
+        each other (``nesterov`` needs ``momentum > 0``, ``gamma_max >= gamma``, the largest
+        coupling must fit a float32, ``grad_clip`` is not for ``amp="fp16"``).
+        """
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError(
+                f"nesterov=True requires momentum > 0 (momentum is {self.momentum!r})"
+            )
+        if self.gamma_max is not None and self.gamma_max < self.gamma:
+            raise ConfigError(
+                f"Invalid gamma_max value {self.gamma_max!r}; valid: a number >= gamma "
+                f"(gamma={self.gamma!r}) or null"
+            )
+        top = self.gamma_max if self.gamma_max is not None else self.gamma * self.gamma_growth
+        if not top < _FLOAT32_MAX:
+            raise ConfigError(
+                f"Invalid gamma_growth value {self.gamma_growth!r}: the final coupling "
+                f"gamma * gamma_growth = {top:.3g} overflows float32 (max {_FLOAT32_MAX:.3g}); "
+                "valid: a smaller gamma_growth or a gamma_max"
+            )
+        self._validate_grad_clip()
 
-        def positive(name: str, allow_zero: bool = False) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and math.isfinite(value)
-            ok = ok and (value >= 0 if allow_zero else value > 0)
-            if not ok:
-                rel = ">= 0" if allow_zero else "> 0"
-                raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number {rel})")
+    def _validate_grad_clip(self) -> None:
+        """``grad_clip`` is not supported with ``amp="fp16"``."""
+        if self.grad_clip is not None and self.amp == "fp16":
+            raise ConfigError(
+                f"grad_clip={self.grad_clip!r} is not supported with amp='fp16' (the gradients "
+                "would have to be unscaled inside the optimizers' closures): use amp=bf16 or none"
+            )
 
-        choice("optimizer", OPTIMIZER_NAMES)
-        choice("lr_schedule", LR_SCHEDULES)
-        choice("budget", BUDGETS)
-        choice("amp", AMP_MODES)
-        choice("bn", BN_MODES)
-        choice("replica_init", ("independent", "same"))
-        for name in (
-            "lr",
+
+# ---------------------------------------------------------------------- one converter per key
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_SEED_MAX = 2**32 - 1
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _rng(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = True,
+    text: str = "",
+) -> tuple[Callable[[Any], bool], str]:
+    """A range check ``(predicate, description)``: ``low <= x < high`` by default."""
+
+    def ok(x: Any) -> bool:
+        if low is not None and (x <= low if open_low else x < low):
+            return False
+        return high is None or (x < high if open_high else x <= high)
+
+    return ok, text
+
+
+_POS = _rng(0, open_low=True, text="a number > 0")
+_NONNEG = _rng(0, text="a number >= 0")
+_AT_LEAST_1 = _rng(1, text="a whole number >= 1")
+_AT_LEAST_0 = _rng(0, text="a whole number >= 0")
+_FRACTION = _rng(0, 1, text="a fraction in [0, 1)")
+
+# key -> (converter of one value, range check or None, choices or None)
+_RANGES: dict[str, tuple] = {
+    **dict.fromkeys(("lr", "epochs", "gamma", "gamma_growth", "inner_lr", "lr_decay"), _POS),
+    **dict.fromkeys(
+        ("momentum", "weight_decay", "noise", "rho", "warmup_epochs", "val_size"), _NONNEG
+    ),
+    **dict.fromkeys(
+        (
             "batch_size",
-            "epochs",
-            "gamma",
-            "gamma_growth",
             "inner_steps",
-            "inner_lr",
             "num_replicas",
             "coupling_every",
             "eval_batch_size",
             "flatness_draws",
-        ):
-            positive(name)
-        for name in (
-            "momentum",
-            "weight_decay",
-            "noise",
-            "rho",
-            "warmup_epochs",
-            "train_eval_samples",
-            "flatness_samples",
-            "val_size",
-            "eval_points",
-        ):
-            positive(name, allow_zero=True)
-        self._validate_grad_clip()
-        if self.val_size >= 1 and int(self.val_size) != self.val_size:
-            raise ValueError(
-                f"Invalid val_size value: {self.val_size!r} (a fraction in [0, 1) "
-                "or a whole number of samples)"
-            )
-        if not 0 <= self.mu_decay < 1:
-            raise ValueError(f"Invalid mu_decay value: {self.mu_decay!r} (must be in [0, 1))")
-        if not 0 <= self.label_noise < 1:
-            raise ValueError(f"Invalid label_noise value: {self.label_noise!r} (must be in [0, 1))")
-        if self.nesterov and self.momentum <= 0:
-            raise ValueError("nesterov=True requires momentum > 0")
-        if self.gamma_max is not None and self.gamma_max < self.gamma:
-            raise ValueError(
-                f"Invalid gamma_max value: {self.gamma_max!r} (must be >= gamma={self.gamma})"
-            )
-        for name in ("batch_size", "inner_steps", "num_replicas", "coupling_every", "seed"):
-            if int(getattr(self, name)) != getattr(self, name):
-                raise ValueError(
-                    f"Invalid {name} value: {getattr(self, name)!r} (must be an integer)"
-                )
-        if any(not 0 < m < 1 for m in self.lr_milestones):
-            raise ValueError(
-                f"Invalid lr_milestones {self.lr_milestones!r}: fractions of the run in (0, 1)"
-            )
-        if any(s < 0 for s in self.flatness_sigmas):
-            raise ValueError(f"Invalid flatness_sigmas {self.flatness_sigmas!r}: must be >= 0")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"Invalid train_subset value: {self.train_subset!r} (must be >= 1)")
-        if not isinstance(self.data_kwargs, dict):
-            raise ValueError(f"Invalid data_kwargs {self.data_kwargs!r}: must be a mapping")
-        if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"Invalid model_kwargs {self.model_kwargs!r}: must be a mapping")
+            "train_subset",
+        ),
+        _AT_LEAST_1,
+    ),
+    **dict.fromkeys(("eval_points", "train_eval_samples", "flatness_samples"), _AT_LEAST_0),
+    "mu_decay": _FRACTION,
+    "label_noise": _FRACTION,
+    "grad_clip": _rng(0, open_low=True, text="null or a number > 0 (max gradient L2 norm)"),
+    "gamma_max": _rng(0, open_low=True, text="null or a number > 0"),
+    "seed": _rng(0, _SEED_MAX, open_high=False, text=f"a whole number in [0, {_SEED_MAX}]"),
+    "lr_milestones": _rng(0, 1, open_low=True, text="fractions of the run in (0, 1)"),
+    "flatness_sigmas": _rng(0, text="noise strengths >= 0"),
+    "flatness_epochs": _rng(-1, text="epochs >= 1 (or -1: the last), e.g. 1,5,-1"),
+}
 
-    def _validate_grad_clip(self) -> None:
-        """``grad_clip``: None or a finite number > 0, and not with ``amp="fp16"``."""
-        value = self.grad_clip
-        if value is None:
-            return
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and value > 0
-        )
-        if not ok:
-            raise ValueError(
-                f"Invalid grad_clip value: {value!r} (must be None or a finite number > 0, "
-                "the max L2 norm of each minibatch gradient)"
-            )
-        if self.amp == "fp16":
-            raise ValueError(
-                f"grad_clip={value!r} is not supported with amp='fp16' (the gradients would "
-                "have to be unscaled inside the optimizers' closures): use amp=bf16 or none"
-            )
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZER_NAMES,
+    "lr_schedule": LR_SCHEDULES,
+    "budget": BUDGETS,
+    "amp": AMP_MODES,
+    "bn": BN_MODES,
+    "replica_init": REPLICA_INITS,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _converters() -> dict[str, Callable[[str, Any], Any]]:
+    """key -> converter of a whole value, from the dataclass's type hints."""
+    scalar = {
+        float: _values.to_float,
+        int: _values.to_int,
+        bool: _values.to_bool,
+        str: _values.to_str,
+    }
+    out: dict[str, Callable[[str, Any], Any]] = {}
+    for key, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if hint in scalar:
+            out[key] = scalar[hint]
+        elif typing.get_origin(hint) is list:
+            out[key] = functools.partial(_list_value, convert=scalar[args[0]])
+        elif typing.get_origin(hint) is dict:
+            out[key] = _values.to_mapping
+        elif len(args) == 1 and args[0] in scalar:  # X | None
+            out[key] = _values.to_optional(scalar[args[0]])
+        else:  # pragma: no cover - a new field of an unsupported type
+            raise TypeError(f"TrainConfig.{key}: no converter for type {hint}")
+    return out
+
+
+def _list_value(key: str, value: Any, convert: Callable[[str, Any], Any]) -> list[Any]:
+    return _values.to_list(key, value, convert)
+
+
+def config_keys() -> tuple[str, ...]:
+    """The valid configuration keys (the fields of :class:`TrainConfig`)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def check_key(key: Any) -> str:
+    """Return ``key`` if it is a config key, else raise naming the closest valid keys.
+
+    Raises:
+        ConfigError: not a config key (``--set learning_rate=...``).
+    """
+    keys = config_keys()
+    if isinstance(key, str) and key in keys:
+        return key
+    near = difflib.get_close_matches(str(key).lower().replace("-", "_"), keys, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise ConfigError(f"Unknown config key {show(key)}; {hint}valid keys: {', '.join(keys)}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the type of config key ``key`` and check its range.
+
+    This is the one conversion every source of settings goes through (flags, ``--set``,
+    ``--config`` files, presets, ``TrainConfig(...)``).
+
+    Raises:
+        ConfigError: unknown key, wrong type, nan/inf, out of range, or not a valid choice;
+            one line naming the key, the value and what is valid.
+
+    Example:
+        >>> coerce("lr", "1E-3"), coerce("flatness_sigmas", "0.1,0.2"), coerce("gamma_max", "null")
+        (0.001, [0.1, 0.2], None)
+    """
+    out = _converters()[check_key(key)](key, value)
+    if key in _CHOICES and out not in _CHOICES[key]:
+        raise _values.fail(key, value, ", ".join(_CHOICES[key]))
+    if key in _RANGES and out is not None:
+        ok, text = _RANGES[key]
+        for item in out if isinstance(out, list) else [out]:
+            if not ok(item):
+                raise _values.fail(key, value, text)
+    if key == "val_size" and out >= 1 and not float(out).is_integer():
+        raise _values.fail(key, value, "a fraction in [0, 1) or a whole number of samples")
+    return out
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """Read a YAML file; a syntax error becomes one line naming the file and the line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: malformed YAML (``FILE:LINE:COLUMN: problem``) or undecodable bytes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"YAML file {what}: {path}")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = err.problem or err.context or "syntax error"
+        raise ConfigError(f"{where}: malformed YAML: {_values.one_line(problem)}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: malformed YAML: {_values.one_line(err)}") from None
 
 
 def parse_value(text: str) -> Any:
-    """Parse a ``key=value`` override value the way YAML would (numbers, bools, lists, null)."""
-    return yaml.safe_load(text)
+    """Parse a value the way YAML would (numbers, bools, lists, null), but read ``1e-3`` as a
+    number; a parse error becomes a one-line :class:`ConfigError`.
+
+    Example:
+        >>> parse_value("1e-3"), parse_value("true"), parse_value("[1, 2]")
+        (0.001, True, [1, 2])
+    """
+    out = _values.yaml_scalar(text)
+    if isinstance(out, str) and _NUMBER.match(out.strip()):
+        return float(out)
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` (``--set``): a checked key (dashes read as underscores) and the raw
+    text of the value, converted later by :func:`coerce` like every other source.
+
+    Raises:
+        ConfigError: no ``=``, or an unknown key.
+    """
+    key, eq, text = item.partition("=")
+    if not eq:
+        raise ConfigError(f"Invalid --set {show(item)}: expected KEY=VALUE, e.g. lr=0.1")
+    return check_key(key.strip().replace("-", "_")), text.strip()
