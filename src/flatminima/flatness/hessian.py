@@ -311,9 +311,9 @@ class _ThickRestartLanczos:
         return p
 
     def vectors(self, n: int, Y: Tensor) -> Tensor:
-        """Ritz vectors ``V[:n] Y`` as the rows of ``V[:p]`` (overwrites the basis)."""
+        """Ritz vectors ``V[:n] Y``, a ``[p, D]`` copy (rotated in place: the basis is spent)."""
         self._rotate(n, Y)
-        return self.V[: Y.shape[1]]
+        return self.V[: Y.shape[1]].clone()
 
 
 @dataclass
@@ -508,8 +508,9 @@ def hessian_eigenvalues(
             algebraic (the most negative curvature) or ``"LM"`` largest magnitude.
         ncv: Lanczos basis size, ``> k``; default ``max(2k + 1, 20)``.
         basis_dtype: dtype of the Lanczos vectors; default float64 for a float64 model, else
-            float32 (the products ``H v`` are only as precise as the model's dtype; the float32
-            basis agrees with a float64 basis to about 1e-5 relative, see the tests).
+            float32 (the products ``H v`` are only as precise as the model's dtype; in the tests
+            the float32 basis agrees with a float64 basis and the dense Hessian to 1e-6 of the
+            spectral radius, and to 1e-6 relative on a 200k-dimensional operator).
 
     Raises:
         ValueError: bad ``k``, ``method``, ``which``, ``ncv``, ``max_iter`` or ``tol``; empty
@@ -548,7 +549,7 @@ def hessian_eigenvalues(
             )
         return HessianEigenResult(
             eigenvalues=out.vals.tolist(),
-            eigenvectors=out.vecs.to(op.dtype, copy=True),
+            eigenvectors=out.vecs.to(op.dtype),
             method=method,
             n_iter=out.n_iter,
             n_hvp=op.n_products,
