@@ -519,6 +519,22 @@ def _check_base(base_optimizer: Any, base_kwargs: Any) -> dict[str, Any]:
     return dict(base_kwargs)
 
 
+def _check_base_group(
+    base_optimizer: type[Optimizer], kwargs: dict[str, Any], group: dict[str, Any]
+) -> None:
+    """Run ``base_optimizer``'s own argument checks on a group's values (a throwaway instance).
+
+    torch optimizers validate only their constructor's arguments, not per-group values, so the
+    group's options are passed as constructor arguments over a dummy parameter.
+    """
+    opts = {k: v for k, v in group.items() if k not in ("params", "gamma", "coupling_every")}
+    dummy = torch.zeros(1, requires_grad=True)
+    try:
+        base_optimizer([dummy], **{**kwargs, **opts})
+    except TypeError as exc:  # an option the constructor does not take: leave it to the base
+        logger.debug("base optimizer group check skipped: %s", exc)
+
+
 def _resolve_groups(
     replicas: Replicas, param_groups: Any
 ) -> list[tuple[list[str], dict[str, Any]]]:
@@ -723,7 +739,9 @@ class ReplicatedSGD(Optimizer):
         self.steps = 0
         self.base: Optimizer | None = None
         self._ready = False
-        groups = self._flat_param_groups(param_groups, defaults, base_optimizer is None)
+        kwargs = {} if base_optimizer is None else kwargs
+        self._base_kwargs = kwargs
+        groups = self._flat_param_groups(param_groups, defaults, base_optimizer, kwargs)
         if base_optimizer is None:
             super().__init__(groups, defaults)
         else:
@@ -731,19 +749,25 @@ class ReplicatedSGD(Optimizer):
         self._ready = True
 
     def _flat_param_groups(
-        self, param_groups: Any, defaults: dict[str, Any], builtin: bool
+        self,
+        param_groups: Any,
+        defaults: dict[str, Any],
+        base_optimizer: type[Optimizer] | None,
+        base_kwargs: dict[str, Any],
     ) -> list[dict[str, Any]]:
         """Validate ``param_groups`` and regroup the replicas' flat buffers to match them."""
         reps = self.replicas
         if param_groups is None:
             return [{"params": reps.flat_params}]
         resolved = _resolve_groups(reps, param_groups)
+        builtin = base_optimizer is None
         for i, (_, opts) in enumerate(resolved):
             try:
                 if builtin:
                     _check_sgd_group({**defaults, **opts}, strict=True)
                 else:
                     _check_coupling({**defaults, **opts})
+                    _check_base_group(base_optimizer, base_kwargs, opts)
             except ValueError as exc:
                 raise ValueError(f"param group {i}: {exc}") from None
         reps.regroup([names for names, _ in resolved])
@@ -787,6 +811,7 @@ class ReplicatedSGD(Optimizer):
             _check_sgd_group(trial)
         else:
             _check_coupling(trial)
+            _check_base_group(type(self.base), self._base_kwargs, param_group)
         if self.base is not None and self._ready:
             for key in ("gamma", "coupling_every"):
                 param_group.setdefault(key, self.defaults[key])
