@@ -90,3 +90,39 @@ def sgd_step_(
         update = grads
     torch._foreach_add_(params, update, alpha=-lr)
     return bufs
+
+
+def check_optimizer_class(name: str, cls: object) -> None:
+    """Raise ``TypeError`` unless ``cls`` is a ``torch.optim.Optimizer`` class (not an instance)."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"{name} must be a torch.optim.Optimizer class, got {cls!r}")
+
+
+def check_base_group(base_cls: type[torch.optim.Optimizer], group: dict) -> None:
+    """Run ``base_cls``'s constructor checks on one param group's hyperparameters.
+
+    ``torch.optim`` validates only the constructor's defaults, never a group added later (a group
+    with ``lr=-1`` is accepted). This builds a throw-away ``base_cls`` over one scalar parameter
+    with the group's values for the constructor's keyword arguments, so a bad value raises the
+    base optimizer's own error before the group is appended anywhere.
+
+    Raises:
+        ValueError, TypeError: the base optimizer's error, prefixed with the class name.
+    """
+    import inspect
+
+    sig = inspect.signature(base_cls.__init__)
+    names = {
+        n for n, p in sig.parameters.items()
+        if n not in ("self", "params")
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }  # fmt: skip
+    kwargs = {k: v for k, v in group.items() if k in names}
+    params = group.get("params") or []
+    first = params[0] if isinstance(params, (list, tuple)) and params else None
+    like = first if isinstance(first, Tensor) else torch.zeros(())
+    dummy = torch.zeros(1, dtype=like.dtype, device=like.device, requires_grad=True)
+    try:
+        base_cls([dummy], **kwargs)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"Invalid param group for {base_cls.__name__}: {err}") from err
