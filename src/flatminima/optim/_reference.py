@@ -1,8 +1,8 @@
 """Plain per-tensor reference implementations of the updates (ground truth for tests).
 
-Written to mirror the update rules of docs/design.md ("Algorithms") line by line, with no foreach, no flat buffers and no numerical
-reformulation (Entropy-SGD keeps ``w'`` and ``mu`` themselves, not offsets). The fast optimizers
-are tested against these in float64.
+Written to mirror the update rules of docs/design.md ("Algorithms") line by line, with no
+foreach, no flat buffers and no numerical reformulation (Entropy-SGD keeps ``w'`` and ``mu``
+themselves, not offsets). The fast optimizers are tested against these in float64.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class ReferenceEntropySGD:
     ``gamma`` is read from the attribute at each outer step (tests change it to emulate a
     schedule). Noise: one ``randn(total)`` per inner step from ``generator``, split in parameter
     order (the fast optimizer's convention for one group on one device and dtype).
+    ``outer_update(i, p, G)``, if given, replaces the SGD outer update of tensor ``i`` (``p``
+    already holds ``x``), e.g. :class:`ReferenceAdamW`'s ``update_``.
     """
 
     def __init__(
@@ -59,7 +61,9 @@ class ReferenceEntropySGD:
         scale_by_gamma: bool = True,
         inner_weight_decay: float = 0.0,
         seed: int = 0,
+        outer_update: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> None:
+        self.outer_update = outer_update
         self.params = list(params)
         self.lr, self.momentum, self.nesterov, self.wd = lr, momentum, nesterov, weight_decay
         self.L, self.eta, self.eps, self.alpha = inner_steps, inner_lr, noise, mu_decay
@@ -93,6 +97,9 @@ class ReferenceEntropySGD:
         for i, p in enumerate(ps):
             big_g = (x[i] - mu[i]) * (self.gamma if self.scale_by_gamma else 1.0)
             p.copy_(x[i])
+            if self.outer_update is not None:
+                self.outer_update(i, p, big_g)
+                continue
             self.bufs[i] = sgd_update_(
                 p,
                 big_g,
@@ -102,6 +109,35 @@ class ReferenceEntropySGD:
                 nesterov=self.nesterov,
                 weight_decay=self.wd,
             )
+
+
+class ReferenceAdamW:
+    """Literal AdamW (decoupled weight decay, bias-corrected moments) on tensor after tensor.
+
+    ``update_(i, p, g)`` updates tensor ``i``; every tensor's step count advances on its own
+    (one call per tensor per optimizer step), as in ``torch.optim.AdamW``.
+    """
+
+    def __init__(
+        self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        self.t: dict[int, int] = {}
+
+    @torch.no_grad()
+    def update_(self, i: int, p: Tensor, g: Tensor) -> None:
+        b1, b2 = self.betas
+        t = self.t.get(i, 0) + 1
+        m = b1 * self.m.get(i, torch.zeros_like(p)) + (1.0 - b1) * g
+        v = b2 * self.v.get(i, torch.zeros_like(p)) + (1.0 - b2) * g * g
+        self.t[i], self.m[i], self.v[i] = t, m, v
+        m_hat = m / (1.0 - b1**t)
+        v_hat = v / (1.0 - b2**t)
+        p.mul_(1.0 - self.lr * self.wd)
+        p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
 class ReferenceReplicatedSGD:
