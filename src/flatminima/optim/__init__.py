@@ -16,6 +16,7 @@ gradient evaluations in ``grad_evals`` (saved in its ``state_dict``).
 
 from flatminima.optim.entropy_sgd import EntropySGD
 from flatminima.optim.replicated import Replicas, ReplicatedSGD, update_bn
+from flatminima.optim.replicated_module import ReplicatedModule
 from flatminima.optim.sam import SAM, disable_running_stats, enable_running_stats
 from flatminima.optim.schedules import (
     ConstantGamma,
@@ -47,6 +48,7 @@ __all__ = [
     "EntropySGD",
     "Replicas",
     "ReplicatedSGD",
+    "ReplicatedModule",
     "update_bn",
     "SAM",
     "disable_running_stats",
