@@ -79,6 +79,48 @@ def _preset(args: argparse.Namespace) -> Any:
     return load_preset(source) if source else None
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        choices=["local", "serial", "submitit"],
+        default="local",
+        help="where runs train: local process pool (--jobs), this process, or submitit "
+        "(SLURM, or its local mode with --submitit-cluster local)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="local executor: training processes at once, each with cores/jobs threads "
+        "(default 1)",
+    )
+    p.add_argument("--submitit-folder", type=Path, help="submitit logs (default OUT/submitit)")
+    p.add_argument("--submitit-cluster", help="slurm, local or debug (default: auto)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--timeout-min", type=int, default=60, help="job time limit in minutes")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per job")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job")
+    p.add_argument("--runs-per-job", type=int, default=1, help="runs trained in one job")
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    from flatminima.studies.executors import make_executor
+
+    if args.executor != "submitit":
+        return make_executor(args.executor, jobs=args.jobs)
+    opts: dict[str, Any] = {
+        "folder": args.submitit_folder or Path(args.out) / "submitit",
+        "cluster": args.submitit_cluster,
+        "runs_per_job": args.runs_per_job,
+        "timeout_min": args.timeout_min,
+        "cpus_per_task": args.cpus_per_task,
+        "gpus_per_node": args.gpus_per_node,
+    }
+    if args.partition:
+        opts["slurm_partition"] = args.partition
+    return make_executor("submitit", **opts)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``compare``, ``tune`` and ``study`` subcommands."""
     p = subparsers.add_parser(
@@ -96,12 +138,15 @@ def register(subparsers: Any) -> None:
         help="comma-separated optimizers or preset arms (default sgd,esgd,rsgd,sam)",
     )
     p.add_argument("--seeds", type=int, help="number of paired seeds (default 3)")
+    _add_executor(p)
     p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="training processes at once, each with cores/jobs threads (default 1)",
+        "--no-tune",
+        dest="tune",
+        action="store_false",
+        default=None,
+        help="skip the preset's study.tuning (hyperparameters as given in the preset)",
     )
+    p.add_argument("--margin", type=float, help="TOST equivalence margin (default: preset, 0.003)")
     p.add_argument(
         "--budget",
         choices=["grad-evals", "equal-grad-evals", "epochs", "equal-epochs", "both"],
@@ -128,18 +173,22 @@ def register(subparsers: Any) -> None:
         "tune",
         help="grid-search one optimizer on a validation split",
         description="Grid search on a validation split (the test set is never used). Give "
-        "every optimizer the same --trials and --budget-epochs (equal effort). Writes "
-        "best.yaml (a preset fragment), trials.csv and tune.md.",
+        "every optimizer the same number of trials and --budget-epochs (equal effort); a chosen "
+        "point on a grid edge extends that axis (--max-extend). Writes best.yaml (a preset "
+        "fragment), trials.csv, tuning.json and tune.md.",
     )
     _add_common(p)
     p.add_argument("--optimizer", required=True, help="optimizer (or preset arm) to tune")
     p.add_argument("--grid", required=True, help="e.g. 'lr=0.02,0.05,0.1;gamma=1e-3,1e-2'")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per trial (default 1)")
+    p.add_argument("--then", help="axes tried at the chosen point, e.g. 'inner_lr=0.05,0.2'")
+    p.add_argument("--seeds", type=int, default=3, help="tuning seeds 0..N-1 (default 3)")
+    p.add_argument("--max-extend", type=int, default=2, help="edge extension steps per axis")
     p.add_argument(
-        "--trials",
-        type=int,
-        help="run exactly N grid points (seeded random subset; same N for every optimizer)",
+        "--allow-weak-selection",
+        action="store_true",
+        help="allow < 3 seeds with < 5000 validation images (selection is then mostly noise)",
     )
+    _add_executor(p)
     p.set_defaults(func=run_tune)
 
     p = subparsers.add_parser(
@@ -191,32 +240,22 @@ def run_compare(args: argparse.Namespace) -> int:
         flatness_samples=args.flatness_samples,
         large_batch=args.large_batch,
         progress=args.progress,
-        jobs=args.jobs,
+        executor=_executor(args),
+        tune=args.tune,
+        margin=args.margin,
     )
     print(format_table(result.table, compare_table_columns(result)))
     if result.paired:
+        cols = ["budget", "subset", "optimizer", "reference", "pairs", "mean", "se"]
         print()
-        print(
-            format_table(
-                result.paired,
-                [
-                    "budget",
-                    "optimizer",
-                    "reference",
-                    "pairs",
-                    "diff_test_error",
-                    "diff_se",
-                    "p_value",
-                ],
-            )
-        )
+        print(format_table(result.paired, [*cols, "p_t_holm", "p_perm_holm", "verdict"]))
     print(f"\nreport: {result.files.get('report')}")
     return 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
     from flatminima._table import format_table
-    from flatminima.studies.tune import rank_trials, tune
+    from flatminima.studies.tune import rank_trials, trial_columns, tune
 
     result = tune(
         args.out,
@@ -224,13 +263,14 @@ def run_tune(args: argparse.Namespace) -> int:
         grid=args.grid,
         preset=_preset(args),
         overrides=_overrides(args),
+        then=args.then,
         seeds=args.seeds,
-        trials=args.trials,
-        progress=args.progress,
+        max_extend=args.max_extend,
+        allow_weak=args.allow_weak_selection,
+        executor=_executor(args),
     )
-    keys = [k for k in result.fragment[result.optimizer]]
     ranked = rank_trials(result.trials)
-    print(format_table(ranked, ["trial", *keys, "val_error", "val_loss", "train_error"]))
+    print(format_table(ranked, trial_columns(result)))
     print(
         f"\nbest ({result.optimizer}): {result.fragment[result.optimizer]}  "
         f"-> {result.out_dir / 'best.yaml'}"

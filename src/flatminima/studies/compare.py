@@ -39,7 +39,7 @@ from flatminima.studies._runs import (
     train_run,
 )
 from flatminima.studies.presets import Preset, arm_config, arm_optimizer
-from flatminima.train import TrainConfig, read_summary
+from flatminima.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,11 @@ class CompareResult:
 
     Attributes:
         table: one row per (budget, arm), plus the early-stopped SGD control rows.
-        paired: paired differences against SGD and SAM, one row per (budget, arm, reference).
+        paired: paired test-error tests (against SGD, SAM and each arm's controls), one row per
+            (budget, subset, arm, reference), Holm-adjusted per (budget, subset), with verdicts.
+        flatness_tests: paired local-energy tests against SGD (final networks, and SGD at
+            matched training error), per sigma.
+        tuning: ``{budget: {arm: tuning.json contents}}`` (empty when not tuned).
         runs: one record per run (final metrics and local energy).
         curves: learning curves, ``{budget: {arm: {"grad_evals", "mean", "se"}}}``.
         energy: local-energy curves, ``{budget: {arm: {"sigmas", "mean", "se"}}}``.
@@ -136,11 +140,15 @@ class CompareResult:
     settings: dict[str, Any]
     out_dir: Path
     files: dict[str, str] = field(default_factory=dict)
+    flatness_tests: list[dict[str, Any]] = field(default_factory=list)
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "table": self.table,
             "paired": self.paired,
+            "flatness_tests": self.flatness_tests,
+            "tuning": self.tuning,
             "runs": self.runs,
             "curves": self.curves,
             "local_energy": self.energy,
@@ -226,53 +234,311 @@ def _same_under_both_budgets(configs: dict[str, dict[str, TrainConfig]], arm: st
     return a.replace(budget="epochs") == b
 
 
-def _train_worker(item: tuple[str, dict[str, Any]], threads: int) -> str:
-    import torch
-
-    torch.set_num_threads(threads)
-    run_dir, values = item
-    cfg = TrainConfig.from_dict(values)
-    train_run(cfg, Path(run_dir), DataCache())
-    return run_dir
+#: passes over the data per optimizer step at equal epochs, relative to SGD (multi-pass arms)
+def _passes(cfg: TrainConfig) -> int:
+    """Gradient evaluations per data sample at equal epochs: rSGD ``y``, SAM 2, SGD/eSGD 1."""
+    return {"rsgd": cfg.num_replicas, "sam": 2}.get(cfg.optimizer, 1)
 
 
-def train_parallel(
-    items: list[tuple[str, TrainConfig]], jobs: int, *, progress: bool = False
-) -> None:
-    """Train (or resume/skip) run folders in ``jobs`` worker processes (spawned: safe with
-    threads); each worker uses ``cores // jobs`` torch threads."""
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def control_label(arm: str) -> str:
+    """Label of the compute-matched SGD control of ``arm``."""
+    return f"sgd-compute-{arm}"
 
-    todo = [(d, c) for d, c in items if not _finished(c, Path(d))]
-    if not todo:
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+
+@dataclass
+class ComparePlan:
+    """Everything decided before any training (stage 1 of :func:`compare`).
+
+    Attributes:
+        configs: ``{budget: {label: TrainConfig}}`` of the evaluated arms and controls (seed 0).
+        controls: ``{budget: {control label: arm it controls}}``.
+        tuning: the preset's tuning spec (``None``: hyperparameters as given).
+    """
+
+    out: Path
+    arms: list[str]
+    seeds: list[int]
+    budgets: list[str]
+    settings: MeasureSettings
+    margin: float
+    preset: Preset | None
+    overrides: dict[str, Any]
+    large_batch: bool
+    tuning: dict[str, Any] | None
+    configs: dict[str, dict[str, TrainConfig]] = field(default_factory=dict)
+    controls: dict[str, dict[str, str]] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run_of(self, b: str, label: str, s: int) -> tuple[TrainConfig, Path]:
+        """Config and folder of one run (SGD-like arms share their run across budgets)."""
+        cfg = self.configs[b][label]
+        if b == "epochs" and "grad-evals" in self.configs and label in self.configs["grad-evals"]:
+            other = self.configs["grad-evals"][label]
+            if other.optimizer in ("sgd", "esgd") and other.replace(budget="epochs") == cfg:
+                b, cfg = "grad-evals", other
+        return cfg.replace(seed=s), self.out / "runs" / b / label / f"seed{s}"
+
+    def items(self) -> list[tuple[Path, TrainConfig]]:
+        """Every evaluation run, once (stage 3's input)."""
+        out: dict[Path, TrainConfig] = {}
+        for b in self.budgets:
+            for label in self.configs[b]:
+                for s in self.seeds:
+                    cfg, run_dir = self.run_of(b, label, s)
+                    out.setdefault(run_dir, cfg)
+        return list(out.items())
+
+
+def _tuning_spec(study: dict[str, Any], tune: bool | None) -> dict[str, Any] | None:
+    spec = study.get("tuning")
+    if tune is False or spec in (None, "none", False):
+        if tune:
+            raise ValueError("tune=True but the preset has no study.tuning spec")
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("space"), dict):
+        raise ValueError(
+            f"Invalid study.tuning {spec!r}: 'none' or a mapping with 'space' "
+            "(per arm: {key: [values], then: {key: [values]}}), 'seeds', 'val_size', 'max_extend'"
+        )
+    bad = sorted(set(spec) - {"space", "seeds", "val_size", "max_extend", "allow_weak"})
+    if bad:
+        raise ValueError(
+            f"Unknown study.tuning key(s) {bad}; valid: space, seeds, val_size, max_extend, "
+            "allow_weak"
+        )
+    return spec
+
+
+def plan_compare(
+    out_dir: str | Path,
+    preset: Preset | None,
+    *,
+    optimizers: Sequence[str] | None,
+    seeds: int | Sequence[int] | None,
+    budget: str | None,
+    overrides: dict[str, Any],
+    settings: MeasureSettings,
+    large_batch: bool | None,
+    margin: float | None,
+    tune: bool | None,
+) -> ComparePlan:
+    """Stage 1: validate every input and fix the arms, seeds, budgets and tuning (no training).
+
+    Raises:
+        ValueError: an unknown optimizer, budget, key or value; tuning seeds that overlap the
+            evaluation seeds; unequal planned trials between arms.
+    """
+    from flatminima.studies.stats import DEFAULT_MARGIN, tost_p
+
+    study = dict(preset.study) if preset is not None else {}
+    arms = list(optimizers or study.get("optimizers") or ["sgd", "esgd", "rsgd", "sam"])
+    seed_list = _seed_list(seeds if seeds is not None else study.get("seeds", 3))
+    budgets = parse_budget(budget or study.get("budget", "grad-evals"))
+    settings.validate()
+    m = float(margin if margin is not None else study.get("margin", DEFAULT_MARGIN))
+    tost_p([0.0, 0.0], m)  # a bad margin fails here, naming it
+    lb = bool(study.get("large_batch", False) if large_batch is None else large_batch)
+    over = {"progress": False, **overrides}
+    for arm in arms:
+        arm_optimizer(preset, arm)  # unknown names fail here, naming the value
+    plan = ComparePlan(
+        Path(out_dir),
+        arms,
+        seed_list,
+        budgets,
+        settings,
+        m,
+        preset,
+        over,
+        lb,
+        _tuning_spec(study, tune),
+    )
+    plan.configs = {b: compare_configs(preset, arms, b, over, lb) for b in budgets}
+    if plan.tuning is not None:
+        _check_tuning(plan)
+    _finish_configs(plan)
+    return plan
+
+
+def _tuning_seeds(plan: ComparePlan) -> list[int]:
+    spec = plan.tuning or {}
+    seeds = spec.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):  # n seeds after the evaluation ones
+        seeds = list(range(max(plan.seeds) + 1, max(plan.seeds) + 1 + seeds))
+    seeds = _seed_list(seeds)
+    overlap = sorted(set(seeds) & set(plan.seeds))
+    if overlap:
+        raise ValueError(
+            f"Tuning seeds {seeds} overlap the evaluation seeds {plan.seeds} at {overlap}: "
+            "a seed used to choose hyperparameters must never be evaluated"
+        )
+    return seeds
+
+
+def _check_tuning(plan: ComparePlan) -> None:
+    """Parse every arm's search space and check equal effort (before any training)."""
+    from flatminima.studies.tune import SearchSpace, planned_trials
+
+    spec = plan.tuning or {}
+    _tuning_seeds(plan)
+    missing = [a for a in plan.arms if a not in spec["space"]]
+    if missing:
+        raise ValueError(f"study.tuning.space has no search for arm(s) {missing}")
+    counts = {}
+    for arm in plan.arms:
+        space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
+        counts[arm] = planned_trials(space, plan.configs[plan.budgets[0]][arm])
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"Unequal tuning effort: planned trials per arm {counts}; give every arm the same "
+            "number (grid points plus follow-up values)"
+        )
+
+
+def _finish_configs(plan: ComparePlan) -> None:
+    """Add the controls at equal epochs, and SGD's in-run local energy (matched training error).
+
+    At the ``epochs`` budget every multi-pass arm (rSGD: y passes, SAM: 2) gets SGD with the same
+    gradient evaluations (``sgd-compute-ARM``: the SGD arm's settings, ``epochs x passes``
+    epochs), and rSGD the large-batch control (batch ``y x B``).
+    """
+    for b in plan.budgets:
+        cfgs = plan.configs[b]
+        plan.controls[b] = {}
+        if "sgd" in cfgs:
+            sgd = cfgs["sgd"]
+            points = sgd.eval_points or max(1, round(sgd.epochs))
+            cfgs["sgd"] = sgd.replace(
+                flatness_epochs=list(range(1, points + 1)),
+                flatness_sigmas=list(plan.settings.sigmas),
+                flatness_draws=plan.settings.n_draws,
+                flatness_samples=plan.settings.n_samples,
+            )
+        if b != "epochs" or "sgd" not in cfgs:
+            continue
+        for arm in plan.arms:
+            k = _passes(cfgs[arm])
+            if k > 1:
+                label = control_label(arm)
+                cfgs[label] = cfgs["sgd"].replace(
+                    budget="grad-evals", epochs=cfgs[arm].epochs * k, flatness_epochs=[]
+                )
+                plan.controls[b][label] = arm
+        if "rsgd" in plan.arms:
+            r = cfgs["rsgd"]
+            cfgs[LARGE_BATCH] = cfgs["sgd"].replace(
+                batch_size=r.num_replicas * r.batch_size, flatness_epochs=[]
+            )
+            plan.controls[b][LARGE_BATCH] = "rsgd"
+
+
+def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
+    """Stage 2: tune every arm at every budget on its tuning seeds; apply the chosen values.
+
+    SGD and eSGD train the same run under both budgets, so their ``epochs`` tuning is the
+    ``grad-evals`` one. Controls take the tuned SGD values. Returns ``{budget: {arm:
+    tuning.json contents}}``.
+    """
+    from flatminima.studies.tune import SearchSpace, tune_arm
+
+    spec = plan.tuning or {}
+    seeds = _tuning_seeds(plan)
+    report: dict[str, dict[str, Any]] = {}
+    for b in plan.budgets:
+        report[b] = {}
+        for arm in plan.arms:
+            base = arm_config(plan.preset, arm, {**plan.overrides, "budget": b})
+            if spec.get("val_size") is not None:
+                base = base.replace(val_size=spec["val_size"])
+            if b == "epochs" and base.optimizer in ("sgd", "esgd") and "grad-evals" in report:
+                report[b][arm] = report["grad-evals"][arm]
+                continue
+            space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
+            res = tune_arm(
+                plan.out / "tuning" / b / arm,
+                base,
+                space,
+                seeds,
+                arm=arm,
+                executor=executor,
+                allow_weak=bool(spec.get("allow_weak", False)),
+            )
+            report[b][arm] = res.to_dict()
+    for b in plan.budgets:
+        chosen = {arm: report[b][arm]["chosen"] for arm in plan.arms}
+        plan.configs[b] = compare_configs(
+            plan.preset, plan.arms, b, plan.overrides, plan.large_batch
+        )
+        for arm in plan.arms:
+            plan.configs[b][arm] = plan.configs[b][arm].replace(**chosen[arm])
+        if LARGE_BATCH in plan.configs[b] and "sgd" in chosen:
+            plan.configs[b][LARGE_BATCH] = plan.configs[b][LARGE_BATCH].replace(**chosen["sgd"])
+    plan.tuned = report
+    _finish_configs(plan)
+    return report
+
+
+def _run_record(plan: ComparePlan, b: str, label: str, s: int, data: DataCache) -> dict[str, Any]:
+    """Stage 4 for one run: read its summary, flag collapse, measure its local energy."""
+    from flatminima.studies.stats import is_collapsed
+
+    cfg, run_dir = plan.run_of(b, label, s)
+    summary = train_run(cfg, run_dir, data)  # finished by the executor: only read back here
+    ok = summary.get("status") == "complete"
+    final = summary.get("final", {}) if ok else {}
+    loss = final.get("train_eval_loss", final.get("train_loss"))
+    collapsed = ok and is_collapsed(final.get("train_error"), loss, data.get(cfg).num_classes)
+    nan = [math.nan] * len(plan.settings.sigmas)
+    flat = (
+        measure_run(cfg, run_dir, data, plan.settings)["local_energy"]
+        if ok
+        else {"sigmas": plan.settings.sigmas, "delta_error": nan, "delta_loss": nan}
+    )
+    es = summary.get("early_stopped") or {}
+    return {
+        "budget": b,
+        "arm": label,
+        "optimizer": cfg.optimizer,
+        "seed": s,
+        "run_dir": str(run_dir),
+        "status": summary.get("status"),
+        "flag": "collapsed" if collapsed else ("ok" if ok else summary.get("status")),
+        "collapsed": collapsed,
+        "test_error": final.get("test_error"),
+        "test_loss": final.get("test_loss"),
+        "train_error": final.get("train_error"),
+        "train_loss": loss,
+        "val_error": final.get("val_error"),
+        "early_stopped_test_error": es.get("test_error"),
+        "early_stopped_epoch": es.get("epoch"),
+        "grad_evals": summary.get("grad_evals"),
+        "train_time_s": summary.get("train_time_s"),
+        "local_energy_sigmas": flat["sigmas"],
+        "local_energy_error": flat["delta_error"],
+        "local_energy_loss": flat["delta_loss"],
+        "history": read_metrics(run_dir),
+    }
+
+
+def collect(plan: ComparePlan, *, progress: bool = False) -> list[dict[str, Any]]:
+    """Stage 4: one record per (budget, arm, seed), read back and measured in this process."""
+    data = DataCache()
+    keys = [(b, label, s) for b in plan.budgets for label in plan.configs[b] for s in plan.seeds]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), unit="run", desc=f"training ({jobs} jobs)")
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_worker, (d, c.to_dict()), threads) for d, c in todo]
-        try:
-            for fut in as_completed(futures):
-                fut.result()
-                if bar is not None:
-                    bar.update(1)
-        finally:
+        bar = tqdm(total=len(keys), unit="run", desc="measuring")
+    runs = []
+    try:
+        for b, label, s in keys:
+            runs.append(_run_record(plan, b, label, s, data))
             if bar is not None:
-                bar.close()
-
-
-def _finished(cfg: TrainConfig, run_dir: Path) -> bool:
-    summary = read_summary(run_dir)
-    return bool(
-        summary
-        and summary.get("config") == cfg.numerics()
-        and summary.get("status") in ("complete", "diverged")
-    )
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return runs
 
 
 def compare(
@@ -291,131 +557,73 @@ def compare(
     progress: bool = False,
     write: bool = True,
     jobs: int = 1,
+    executor: Any = None,
+    tune: bool | None = None,
+    margin: float | None = None,
 ) -> CompareResult:
-    """Train every (budget, arm, seed), measure local energy, and write the report folder.
+    """Plan, tune, train, collect, aggregate and write one comparison (resumable).
 
-    Arguments left ``None`` come from the preset's ``study:`` mapping, else the defaults
-    (optimizers sgd/esgd/rsgd/sam, 3 seeds, ``grad-evals`` budget, sigmas 0.05..0.5, 5 draws,
-    2000 samples).
+    Stages: :func:`plan_compare` (every input checked, nothing trained), :func:`tune_stage`
+    (when the preset has a ``study.tuning`` spec and ``tune`` is not ``False``), the runs through
+    ``executor``, :func:`collect` (summaries, collapse flags, local energy in this process),
+    :func:`aggregate` (tables and paired tests) and the report. Arguments left ``None`` come from
+    the preset's ``study:`` mapping, else the defaults (sgd/esgd/rsgd/sam, 3 seeds,
+    ``grad-evals``, sigmas 0.05..0.5, 5 draws, 2000 samples, margin 0.003).
 
     Args:
-        out_dir: report folder; runs go to ``out_dir/runs/BUDGET/ARM/seedS``.
-        preset: hyperparameters (``common`` + per-arm mappings); ``None``: TrainConfig defaults.
-        optimizers: arms to compare (optimizer names or preset arm labels).
-        seeds: number of seeds (``0..n-1``) or explicit seeds.
-        budget: ``grad-evals`` (equal gradient evaluations), ``epochs`` (equal epochs per
-            replica) or ``both``.
-        epochs: the budget in epochs (overrides the preset for every arm).
+        out_dir: report folder; runs in ``out_dir/runs/BUDGET/ARM/seedS``, tuning in
+            ``out_dir/tuning/BUDGET/ARM``.
+        preset: hyperparameters (``common`` + per-arm mappings) and study settings.
+        optimizers: arms to compare; seeds: evaluation seeds (count or list); budget:
+            ``grad-evals``, ``epochs`` or ``both``; epochs: the budget in epochs.
         overrides: TrainConfig keys applied to every arm (after the preset).
-        sigmas: local-energy noise strengths.
-        flatness_draws: noise draws per sigma.
-        flatness_samples: size of the fixed training subset the local energy is measured on.
-        large_batch: add the ``sgd-large-batch`` control (see :func:`compare_configs`).
-        progress: show a tqdm bar over runs.
-        write: write report.md, results.json, CSVs and PNGs into ``out_dir``.
-        jobs: training processes run at once (each with ``torch`` threads = cores // jobs);
-            measurements and the report are made afterwards in this process.
-
-    Returns:
-        A :class:`CompareResult`.
+        sigmas, flatness_draws, flatness_samples: local-energy settings.
+        large_batch: add ``sgd-large-batch`` at every budget (at equal epochs it is added
+            whenever rSGD is compared).
+        progress: tqdm bars; write: write the report folder.
+        jobs: worker processes of the default local executor.
+        executor: a :mod:`flatminima.studies.executors` executor (overrides ``jobs``).
+        tune: ``False`` skips the preset's tuning (hyperparameters as given); ``True`` requires
+            a spec; ``None`` tunes when the preset has one.
+        margin: equivalence margin of the TOST, in error units (preset ``study.margin``).
 
     Raises:
-        ValueError: an unknown optimizer, budget, key or value (before any training starts).
+        ValueError: a bad input (before any training starts).
     """
+    from flatminima.studies.executors import make_executor
+
     study = dict(preset.study) if preset is not None else {}
-    arms = list(optimizers or study.get("optimizers") or ["sgd", "esgd", "rsgd", "sam"])
-    seed_list = _seed_list(seeds if seeds is not None else study.get("seeds", 3))
-    budgets = parse_budget(budget or study.get("budget", "grad-evals"))
     settings = MeasureSettings(
         sigmas=[float(s) for s in (sigmas or study.get("sigmas") or [0.05, 0.1, 0.2, 0.3, 0.5])],
         n_draws=int(flatness_draws or study.get("flatness_draws", 5)),
         n_samples=int(flatness_samples or study.get("flatness_samples", 2000)),
     )
-    settings.validate()
-    lb = bool(study.get("large_batch", False) if large_batch is None else large_batch)
     over = dict(overrides or {})
     if epochs is not None:
         over["epochs"] = epochs
-    over.setdefault("progress", False)
-    for arm in arms:
-        arm_optimizer(preset, arm)  # unknown names fail here, naming the value
-    configs = {b: compare_configs(preset, arms, b, over, lb) for b in budgets}
-    out = Path(out_dir)
-    jobs_all = [(b, arm, s) for b in budgets for arm in configs[b] for s in seed_list]
-    log.info(
-        "compare: %d runs (%d budgets x %d arms x %d seeds) into %s",
-        len(jobs_all),
-        len(budgets),
-        len(configs[budgets[0]]),
-        len(seed_list),
-        out,
+    if executor is None:
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"Invalid jobs value: {jobs!r} (must be an integer >= 1)")
+    plan = plan_compare(
+        out_dir,
+        preset,
+        optimizers=optimizers,
+        seeds=seeds,
+        budget=budget,
+        overrides=over,
+        settings=settings,
+        large_batch=large_batch,
+        margin=margin,
+        tune=tune,
     )
-
-    def run_of(b: str, arm: str, s: int) -> tuple[TrainConfig, Path]:
-        # SGD-like arms (one pass per minibatch) give the same run under both budgets: train once
-        if b == "epochs" and "grad-evals" in configs and _same_under_both_budgets(configs, arm):
-            b = "grad-evals"
-        return configs[b][arm].replace(seed=s), out / "runs" / b / arm / f"seed{s}"
-
-    if jobs < 1:
-        raise ValueError(f"Invalid jobs value: {jobs} (must be >= 1)")
-    if jobs > 1:
-        pending = {}
-        for b, arm, s in jobs_all:
-            cfg, run_dir = run_of(b, arm, s)
-            pending[str(run_dir)] = cfg
-        train_parallel(list(pending.items()), jobs, progress=progress)
-
-    data = DataCache()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs_all), unit="run", desc="compare")
-    runs: list[dict[str, Any]] = []
-    try:
-        for b, arm, s in jobs_all:
-            cfg, run_dir = run_of(b, arm, s)
-            if bar is not None:
-                bar.set_postfix_str(f"{arm} seed {s} ({b})")
-            summary = train_run(cfg, run_dir, data)
-            ok = summary.get("status") == "complete"
-            nan = [math.nan] * len(settings.sigmas)
-            flat = (
-                measure_run(cfg, run_dir, data, settings)["local_energy"]
-                if ok
-                else {"sigmas": settings.sigmas, "delta_error": nan, "delta_loss": nan}
-            )
-            final = summary.get("final", {}) if ok else {}
-            es = summary.get("early_stopped") or {}
-            runs.append(
-                {
-                    "budget": b,
-                    "arm": arm,
-                    "optimizer": cfg.optimizer,
-                    "seed": s,
-                    "run_dir": str(run_dir),
-                    "status": summary.get("status"),
-                    "test_error": final.get("test_error"),
-                    "test_loss": final.get("test_loss"),
-                    "train_error": final.get("train_error"),
-                    "val_error": final.get("val_error"),
-                    "early_stopped_test_error": es.get("test_error"),
-                    "early_stopped_epoch": es.get("epoch"),
-                    "grad_evals": summary.get("grad_evals"),
-                    "train_time_s": summary.get("train_time_s"),
-                    "local_energy_sigmas": flat["sigmas"],
-                    "local_energy_error": flat["delta_error"],
-                    "local_energy_loss": flat["delta_loss"],
-                    "history": read_metrics(run_dir),
-                }
-            )
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    result = _aggregate(runs, configs, budgets, seed_list, settings, preset, out)
+    executor = executor or make_executor("local", jobs=jobs)
+    if plan.tuning is not None:
+        tune_stage(plan, executor)
+    items = plan.items()
+    log.info("compare: %d runs into %s (%s executor)", len(items), plan.out, executor.name)
+    executor.run(items, progress=progress)
+    runs = collect(plan, progress=progress)
+    result = aggregate(plan, runs, executor.describe())
     if write:
         from flatminima.studies.report import write_compare_report
 
@@ -423,101 +631,207 @@ def compare(
     return result
 
 
-def _aggregate(
-    runs: list[dict[str, Any]],
-    configs: dict[str, dict[str, TrainConfig]],
-    budgets: list[str],
-    seed_list: list[int],
-    settings: MeasureSettings,
-    preset: Preset | None,
-    out: Path,
+def _arm_row(b: str, arm: str, rs: list[dict[str, Any]], sig: list[float]) -> dict[str, Any]:
+    """One table row: test error over complete runs (collapsed included) and without them."""
+    te = summarize([r["test_error"] for r in rs])
+    kept = summarize([r["test_error"] for r in rs if not r["collapsed"]])
+    n_col = sum(r["collapsed"] for r in rs)
+    row: dict[str, Any] = {
+        "budget": b,
+        "optimizer": arm,
+        "seeds": te["n"],
+        "diverged": sum(r["status"] != "complete" for r in rs),
+        "collapsed": f"{n_col}/{len(rs)}",
+        "test_error": te["mean"],
+        "test_error_std": te["std"],
+        "test_error_se": te["se"],
+        "test_error_without_collapsed": kept["mean"],
+        "train_error": summarize([r["train_error"] for r in rs])["mean"],
+    }
+    for i, s in enumerate(sig):
+        es = summarize([r["local_energy_error"][i] for r in rs])
+        row[f"dE({s:g})"] = _clean(es["mean"])
+        row[f"dE({s:g})_se"] = es["se"]
+    ge = [r["grad_evals"] for r in rs if r["status"] == "complete"]
+    row["grad_evals"] = int(np.mean(ge)) if ge else None
+    row["train_time_s"] = summarize([r["train_time_s"] for r in rs])["mean"]
+    return row
+
+
+def _comparisons(plan: ComparePlan, b: str) -> list[tuple[str, str]]:
+    """(arm, reference) pairs of one budget's table: against SGD, against SAM, own controls."""
+    arms, pairs = plan.arms, []
+    for ref in REFERENCES:
+        if ref in arms:
+            pairs += [
+                (a, ref)
+                for a in arms
+                if a != ref
+                and not (a in REFERENCES and REFERENCES.index(a) < REFERENCES.index(ref))
+            ]
+    pairs += [(arm, ctrl) for ctrl, arm in plan.controls.get(b, {}).items()]
+    return pairs
+
+
+def _paired_rows(
+    plan: ComparePlan, b: str, by_arm: dict[str, list[dict[str, Any]]], subset: str
+) -> list[dict[str, Any]]:
+    """Paired test-error tests of one table, Holm-adjusted together, with verdicts."""
+    from flatminima.studies.stats import add_table_tests, paired_test
+
+    rows = []
+    for arm, ref in _comparisons(plan, b):
+        ref_by_seed = {r["seed"]: r for r in by_arm[ref]}
+        pairs = [(r, ref_by_seed[r["seed"]]) for r in by_arm[arm] if r["seed"] in ref_by_seed]
+        if subset == "without collapsed":
+            pairs = [(x, y) for x, y in pairs if not (x["collapsed"] or y["collapsed"])]
+        a = [np.nan if x["test_error"] is None else x["test_error"] for x, _ in pairs]
+        r = [np.nan if y["test_error"] is None else y["test_error"] for _, y in pairs]
+        t = paired_test(a, r, margin=plan.margin)
+        rows.append(
+            {
+                "budget": b,
+                "subset": subset,
+                "optimizer": arm,
+                "reference": ref,
+                "pairs": t.pop("n"),
+                **{k: _clean(v) if k == "mean" else v for k, v in t.items()},
+            }
+        )
+    return add_table_tests(rows)
+
+
+def _flat_rows(
+    plan: ComparePlan, b: str, by_arm: dict[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Paired local-energy tests against SGD: final networks, and at matched training error."""
+    from flatminima.studies.stats import add_table_tests, paired_test
+
+    if "sgd" not in by_arm:
+        return []
+    rows = []
+    sgd = {r["seed"]: r for r in by_arm["sgd"]}
+    for arm in plan.arms:
+        if arm == "sgd":
+            continue
+        pairs = [(r, sgd[r["seed"]]) for r in by_arm[arm] if r["seed"] in sgd]
+        for i, s in enumerate(plan.settings.sigmas):
+            a = [x["local_energy_error"][i] for x, _ in pairs]
+            final = [y["local_energy_error"][i] for _, y in pairs]
+            matched = [_matched_energy(y, x["train_error"], s) for x, y in pairs]
+            against = (("final", final), ("matched train error", [m[0] for m in matched]))
+            for kind, ref_vals in against:
+                t = paired_test(a, ref_vals)
+                row = {
+                    "budget": b,
+                    "optimizer": arm,
+                    "reference": "sgd",
+                    "against": kind,
+                    "sigma": s,
+                    "pairs": t.pop("n"),
+                    **t,
+                }
+                if kind != "final":
+                    gaps = [m[1] for m in matched if math.isfinite(m[1])]
+                    row["train_error_gap"] = float(np.mean(gaps)) if gaps else math.nan
+                rows.append(row)
+    return add_table_tests(rows)
+
+
+def _matched_energy(sgd_run: dict[str, Any], train_error: float | None, sigma: float) -> tuple:
+    """SGD's local energy at its evaluation point whose training error is closest to
+    ``train_error`` (ties: the later point), and the gap ``|e_sgd - e|`` there."""
+    key = f"local_energy_error_s{sigma:g}"
+    rows = [
+        h
+        for h in sgd_run["history"]
+        if math.isfinite(h.get(key, math.nan)) and math.isfinite(h.get("train_error", math.nan))
+    ]
+    if train_error is None or not rows or not math.isfinite(train_error):
+        return (math.nan, math.nan)
+    best = min(reversed(rows), key=lambda h: abs(h["train_error"] - train_error))
+    return (best[key], abs(best["train_error"] - train_error))
+
+
+def aggregate(
+    plan: ComparePlan, runs: list[dict[str, Any]], executor: dict[str, Any] | None = None
 ) -> CompareResult:
-    table, paired = [], []
+    """Stage 5: tables, paired tests (test error, local energy) and curves of every budget."""
+    table, paired, flat = [], [], []
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     energy: dict[str, dict[str, dict[str, list[float]]]] = {}
-    sig = settings.sigmas
-    for b in budgets:
-        curves[b], energy[b] = {}, {}
+    sig = plan.settings.sigmas
+    for b in plan.budgets:
         by_arm = {
-            arm: sorted(
-                (r for r in runs if r["budget"] == b and r["arm"] == arm), key=lambda r: r["seed"]
+            label: sorted(
+                (r for r in runs if r["budget"] == b and r["arm"] == label), key=lambda r: r["seed"]
             )
-            for arm in configs[b]
+            for label in plan.configs[b]
         }
+        curves[b], energy[b] = {}, {}
         for arm, rs in by_arm.items():
-            te = summarize([r["test_error"] for r in rs])
-            row: dict[str, Any] = {
-                "budget": b,
-                "optimizer": arm,
-                "seeds": te["n"],
-                "diverged": sum(r["status"] != "complete" for r in rs),
-                "test_error": te["mean"],
-                "test_error_std": te["std"],
-                "test_error_se": te["se"],
-                "train_error": summarize([r["train_error"] for r in rs])["mean"],
-            }
-            mean_e, se_e = [], []
-            for i, s in enumerate(sig):
-                es = summarize([r["local_energy_error"][i] for r in rs])
-                es["mean"] = _clean(es["mean"])
-                row[f"dE({s:g})"] = es["mean"]
-                row[f"dE({s:g})_se"] = es["se"]
-                mean_e.append(es["mean"])
-                se_e.append(0.0 if math.isnan(es["se"]) else es["se"])
-            ge = [r["grad_evals"] for r in rs if r["status"] == "complete"]
-            row["grad_evals"] = int(np.mean(ge)) if ge else None
-            row["train_time_s"] = summarize([r["train_time_s"] for r in rs])["mean"]
+            row = _arm_row(b, arm, rs, sig)
             table.append(row)
             curves[b][arm] = _curve(rs)
-            energy[b][arm] = {"sigmas": list(sig), "mean": mean_e, "se": se_e}
+            energy[b][arm] = {
+                "sigmas": list(sig),
+                "mean": [row[f"dE({s:g})"] for s in sig],
+                "se": [_nan0(row[f"dE({s:g})_se"]) for s in sig],
+            }
             if arm == "sgd" and any(r["early_stopped_test_error"] is not None for r in rs):
-                es_ = summarize([r["early_stopped_test_error"] for r in rs])
+                es = summarize([r["early_stopped_test_error"] for r in rs])
                 table.append(
                     {
                         "budget": b,
                         "optimizer": EARLY_STOPPED,
-                        "seeds": es_["n"],
-                        "test_error": es_["mean"],
-                        "test_error_std": es_["std"],
-                        "test_error_se": es_["se"],
+                        "seeds": es["n"],
+                        "test_error": es["mean"],
+                        "test_error_std": es["std"],
+                        "test_error_se": es["se"],
                     }
                 )
-        for ref in REFERENCES:
-            if ref not in by_arm:
-                continue
-            ref_err = {r["seed"]: r["test_error"] for r in by_arm[ref]}
-            for arm, rs in by_arm.items():
-                if arm == ref or (
-                    arm in REFERENCES and REFERENCES.index(arm) < REFERENCES.index(ref)
-                ):
-                    continue  # sgd against sam is already there as sam against sgd
-                pairs = [(r["test_error"], ref_err[r["seed"]]) for r in rs if r["seed"] in ref_err]
-                if not pairs:
-                    continue
-                d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
-                paired.append(
-                    {
-                        "budget": b,
-                        "optimizer": arm,
-                        "reference": ref,
-                        "pairs": d["n"],
-                        "diff_test_error": d["mean"],
-                        "diff_se": d["se"],
-                        "ci_low": d["ci_low"],
-                        "ci_high": d["ci_high"],
-                        "p_value": d["p_value"],
-                    }
-                )
-    settings_out = {
-        "seeds": seed_list,
-        "budgets": budgets,
-        "budget_labels": {b: BUDGET_LABELS[b] for b in budgets},
-        "sigmas": list(sig),
-        "flatness_draws": settings.n_draws,
-        "flatness_samples": settings.n_samples,
-        "measure_seed": settings.seed,
-        "preset": preset.source if preset is not None else None,
-        "preset_description": preset.description if preset is not None else "",
+        paired += _paired_rows(plan, b, by_arm, "all")
+        if any(r["collapsed"] for rs in by_arm.values() for r in rs):
+            paired += _paired_rows(plan, b, by_arm, "without collapsed")
+        flat += _flat_rows(plan, b, by_arm)
+    return CompareResult(
+        table,
+        paired,
+        runs,
+        curves,
+        energy,
+        {b: {a: c.to_dict() for a, c in cs.items()} for b, cs in plan.configs.items()},
+        _settings(plan, executor),
+        plan.out,
+        flatness_tests=flat,
+        tuning=plan.tuned,
+    )
+
+
+def _nan0(x: float) -> float:
+    return 0.0 if x is None or math.isnan(x) else x
+
+
+def _settings(plan: ComparePlan, executor: dict[str, Any] | None) -> dict[str, Any]:
+    from flatminima.studies.stats import COLLAPSE_FRACTION
+
+    p = plan.preset
+    study = dict(p.study) if p is not None else {}
+    return {
+        "seeds": plan.seeds,
+        "budgets": plan.budgets,
+        "budget_labels": {b: BUDGET_LABELS[b] for b in plan.budgets},
+        "sigmas": list(plan.settings.sigmas),
+        "flatness_draws": plan.settings.n_draws,
+        "flatness_samples": plan.settings.n_samples,
+        "measure_seed": plan.settings.seed,
+        "margin": plan.margin,
+        "collapse_fraction": COLLAPSE_FRACTION,
+        "controls": plan.controls,
+        "tuned": plan.tuning is not None,
+        "tuning_seeds": _tuning_seeds(plan) if plan.tuning is not None else [],
+        "provenance": study.get("provenance"),
+        "executor": executor or {},
+        "preset": p.source if p is not None else None,
+        "preset_description": p.description if p is not None else "",
     }
-    cfg_out = {b: {a: c.to_dict() for a, c in cs.items()} for b, cs in configs.items()}
-    return CompareResult(table, paired, runs, curves, energy, cfg_out, settings_out, out)

@@ -67,6 +67,9 @@ STUDY_KEYS = (
     "flatness_samples",
     "flatness_draws",
     "large_batch",
+    "margin",  # TOST equivalence margin (error units), fixed before the run
+    "tuning",  # equal-effort tuning spec (flatminima.studies.compare), or none
+    "provenance",  # where fixed hyperparameters came from (tuning command and folder)
 )
 
 _TOP_KEYS = ("study", "common", "description")

@@ -55,7 +55,8 @@ def write_csv(
 
 def compare_table_columns(result: CompareResult) -> list[str]:
     """Columns of the main comparison table (the ``_se`` columns of dE stay in the CSV)."""
-    cols = ["optimizer", "seeds", "test_error", "test_error_std", "test_error_se", "train_error"]
+    cols = ["optimizer", "seeds", "collapsed", "test_error", "test_error_std", "test_error_se"]
+    cols += ["test_error_without_collapsed", "train_error"]
     cols += [f"dE({s:g})" for s in result.settings["sigmas"]]
     cols += ["grad_evals", "train_time_s"]
     if len(result.settings["budgets"]) > 1:
@@ -120,38 +121,19 @@ def _differing(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_compare_report(result: CompareResult) -> dict[str, str]:
-    """Write ``report.md``, ``results.json``, ``results.csv``, ``paired.csv``, ``runs.csv`` and
-    the PNGs (``learning_curves*.png``, ``local_energy*.png``) into ``result.out_dir``.
+    """Write ``report.md``, ``results.json``, ``results.csv``, ``paired.csv``,
+    ``flatness_tests.csv``, ``runs.csv`` (with the ``flag`` column: ok / collapsed / diverged)
+    and the PNGs (``learning_curves*.png``, ``local_energy*.png``) into ``result.out_dir``.
 
     Returns:
         ``{name: path}`` of the files written (also stored in ``result.files``).
     """
-    from flatminima.studies.compare import BUDGET_LABELS
-    from flatminima.studies.plots import plot_energy_curves, plot_learning_curves
-
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-    s = result.settings
-    for b in s["budgets"]:
-        suffix = _budget_suffix(result, b)
-        label = BUDGET_LABELS[b]
-        files[f"learning_curves{suffix}"] = str(
-            plot_learning_curves(
-                result.curves[b],
-                out / f"learning_curves{suffix}.png",
-                title=f"Test error during training ({label})",
-            )
-        )
-        files[f"local_energy{suffix}"] = str(
-            plot_energy_curves(
-                result.energy[b],
-                out / f"local_energy{suffix}.png",
-                title=f"Local energy of the final networks ({label})",
-            )
-        )
+    files = _compare_plots(result)
     files["results_csv"] = str(write_csv(result.table, out / "results.csv"))
     files["paired_csv"] = str(write_csv(result.paired, out / "paired.csv"))
+    files["flatness_tests_csv"] = str(write_csv(result.flatness_tests, out / "flatness_tests.csv"))
     run_rows = [
         {k: v for k, v in r.items() if k != "history" and not isinstance(v, list)}
         for r in result.runs
@@ -161,81 +143,234 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
     files["results_json"] = str(out / "results.json")
     result.files = files
     write_json(result.to_dict(), out / "results.json")
-
-    lines = ["# Optimizer comparison", ""]
-    if s.get("preset_description"):
-        lines += [s["preset_description"].strip(), ""]
+    lines = ["# Optimizer comparison", "", *_compare_header(result)]
+    for b in result.settings["budgets"]:
+        lines += _budget_section(result, b)
+    lines += _tuning_section(result) + _hyperparameter_section(result)
     lines += [
-        f"- Seeds: {', '.join(map(str, s['seeds']))} (paired: seed s gives every optimizer the "
-        "same data split, subset and data order)",
+        "## Files",
+        "",
+        "- `results.json`: everything above, per-run records, curves, tuning",
+        "- `results.csv`, `paired.csv`, `flatness_tests.csv`, `runs.csv` (column `flag`)",
+        "- `runs/BUDGET/OPTIMIZER/seedS/`: "
+        "run folders (config.yaml, metrics.csv, summary.json, flatness.json)",
+        "- `tuning/BUDGET/OPTIMIZER/`: trials.csv, tuning.json, tune.md (when tuned)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    log.info("wrote report %s", out / "report.md")
+    return files
+
+
+def _compare_plots(result: CompareResult) -> dict[str, str]:
+    from flatminima.studies.compare import BUDGET_LABELS
+    from flatminima.studies.plots import plot_energy_curves, plot_learning_curves
+
+    files: dict[str, str] = {}
+    for b in result.settings["budgets"]:
+        suffix, label = _budget_suffix(result, b), BUDGET_LABELS[b]
+        files[f"learning_curves{suffix}"] = str(
+            plot_learning_curves(
+                result.curves[b],
+                result.out_dir / f"learning_curves{suffix}.png",
+                title=f"Test error during training ({label})",
+            )
+        )
+        files[f"local_energy{suffix}"] = str(
+            plot_energy_curves(
+                result.energy[b],
+                result.out_dir / f"local_energy{suffix}.png",
+                title=f"Local energy of the final networks ({label})",
+            )
+        )
+    return files
+
+
+def _compare_header(result: CompareResult) -> list[str]:
+    from flatminima.studies.compare import BUDGET_LABELS
+    from flatminima.studies.stats import MAX_EXACT
+
+    s = result.settings
+    lines = [s["preset_description"].strip(), ""] if s.get("preset_description") else []
+    frac = s.get("collapse_fraction", 0.9)
+    lines += [
+        f"- Evaluation seeds: {', '.join(map(str, s['seeds']))} (paired: seed s gives every "
+        "optimizer the same data split, subset and data order)"
+        + (f"; tuning seeds (disjoint): {s['tuning_seeds']}" if s.get("tuning_seeds") else ""),
         "- Budget: " + "; ".join(f"**{BUDGET_LABELS[b]}** (`{b}`)" for b in s["budgets"]),
         f"- Local energy ΔE(σ): train-error increase under multiplicative weight noise "
         f"w(1 + σξ), {s['flatness_draws']} draws, on a fixed subset of "
         f"{s['flatness_samples']} training samples, measured on the final evaluated network "
         "(the centre for rSGD); mean over seeds.",
         f"- Preset: `{s['preset']}`" if s.get("preset") else "- Preset: TrainConfig defaults",
+        "- Hyperparameters: "
+        + (
+            "tuned by this run with equal effort (section Tuning)"
+            if s.get("tuned")
+            else "as given by the preset, not tuned by this run"
+            + (f" (provenance: {s['provenance']})" if s.get("provenance") else "")
+        ),
+        f"- Collapsed run: a complete run whose final training error >= {frac:g} (1 - 1/C) and "
+        f"training loss >= {frac:g} log C (chance level, C classes). `collapsed` counts them "
+        "per arm; `test_error` includes them, `test_error_without_collapsed` does not; paired "
+        "tests are shown with them (`all`) and, when any run collapsed, without them.",
+        "- Paired tests per comparison: mean difference d = arm - reference (negative: arm "
+        "better), 95% t interval, paired t-test `p_t`, exact sign-flip permutation test "
+        f"`p_perm` (all 2^n sign patterns for n <= {MAX_EXACT}), both Holm-adjusted over the "
+        "comparisons of one table (`_holm`), and TOST equivalence `p_tost` against the margin "
+        f"{s.get('margin', 0.003):g} fixed before the run.",
+        "- Verdict: `win`/`loss` when the larger of the two Holm-adjusted p-values is < 0.05; "
+        "else `equivalent` when p_tost < 0.05; else `unsettled`.",
         "- Errors are fractions; `std` is the sample standard deviation over seeds, `se` the "
         "standard error (std / sqrt(n)).",
+        f"- Executor: {s.get('executor', {}).get('name', 'serial')}",
         "",
     ]
-    for b in s["budgets"]:
-        suffix = _budget_suffix(result, b)
-        rows = [r for r in result.table if r["budget"] == b]
-        cols = [c for c in compare_table_columns(result) if c != "budget"]
-        lines += [f"## {BUDGET_LABELS[b]}", "", format_table(rows, cols, markdown=True), ""]
-        pair_rows = [r for r in result.paired if r["budget"] == b]
-        if pair_rows:
+    return lines
+
+
+_PAIRED_COLS = [
+    "optimizer",
+    "reference",
+    "pairs",
+    "mean",
+    "se",
+    "ci_low",
+    "ci_high",
+    "p_t",
+    "p_t_holm",
+    "p_perm",
+    "p_perm_holm",
+    "p_tost",
+    "verdict",
+]
+
+
+def _budget_section(result: CompareResult, b: str) -> list[str]:
+    from flatminima.studies.compare import BUDGET_LABELS
+
+    suffix = _budget_suffix(result, b)
+    rows = [r for r in result.table if r["budget"] == b]
+    cols = [c for c in compare_table_columns(result) if c != "budget"]
+    lines = [f"## {BUDGET_LABELS[b]}", "", format_table(rows, cols, markdown=True), ""]
+    controls = result.settings.get("controls", {}).get(b, {})
+    if controls:
+        lines += [
+            "Controls: "
+            + "; ".join(
+                f"`{c}` for `{a}`"
+                + (
+                    " (SGD with batch y x B)"
+                    if c == "sgd-large-batch"
+                    else " (SGD with the same gradient evaluations)"
+                )
+                for c, a in controls.items()
+            )
+            + ". Controls take the SGD arm's settings.",
+            "",
+        ]
+    for subset in ("all", "without collapsed"):
+        prs = [r for r in result.paired if r["budget"] == b and r.get("subset") == subset]
+        if prs:
             lines += [
-                "Paired difference of test error against the reference (negative: better "
-                "than the reference), mean over seeds ± SE, 95% t interval, paired t-test:",
+                f"Paired test error ({subset} runs):",
+                "",
+                format_table(prs, _PAIRED_COLS, markdown=True),
+                "",
+            ]
+    flat = [r for r in result.flatness_tests if r["budget"] == b]
+    if flat:
+        lines += [
+            "Paired local energy ΔE(σ) against SGD (`win`: flatter). `final`: SGD's final "
+            "network; `matched train error`: for each seed, SGD's evaluation point whose "
+            "training error is closest to the arm's final training error (ties: the later "
+            "point; its ΔE measured during training on the same subset), mean gap "
+            "`train_error_gap`. No equivalence margin: not significant is `unsettled`.",
+            "",
+            format_table(
+                flat,
+                [
+                    "optimizer",
+                    "against",
+                    "sigma",
+                    "pairs",
+                    "mean",
+                    "se",
+                    "p_t",
+                    "p_t_holm",
+                    "p_perm",
+                    "p_perm_holm",
+                    "train_error_gap",
+                    "verdict",
+                ],
+                markdown=True,
+            ),
+            "",
+        ]
+    return lines + [
+        f"![learning curves](learning_curves{suffix}.png)",
+        "",
+        f"![local energy](local_energy{suffix}.png)",
+        "",
+    ]
+
+
+def _tuning_section(result: CompareResult) -> list[str]:
+    if not result.tuning:
+        return []
+    from flatminima.studies.tune import SELECTION_RULE
+
+    lines = ["## Tuning", "", f"Selection rule: {SELECTION_RULE}.", ""]
+    for b, arms in result.tuning.items():
+        for arm, t in arms.items():
+            sp = t["space"]
+            lines += [
+                f"### {arm} ({b})",
+                "",
+                f"- Search: grid {sp['grid']}"
+                + (f", then {sp['then']}" if sp["then"] else "")
+                + f"; extension cap {sp['max_extend']} per axis",
+                f"- {t['n_planned']} planned + {t['n_extension']} extension trials; seeds "
+                f"{t['seeds']}; {t['n_val']} validation images",
+                f"- Chosen: `{t['chosen']}`"
+                + (f"; **on edge**: {', '.join(t['on_edge'])}" if t["on_edge"] else "")
+                + ("; **weak selection**" if t.get("weak_selection") else ""),
                 "",
                 format_table(
-                    pair_rows,
+                    t["trials"],
                     [
-                        "optimizer",
-                        "reference",
-                        "pairs",
-                        "diff_test_error",
-                        "diff_se",
-                        "ci_low",
-                        "ci_high",
-                        "p_value",
+                        "trial",
+                        "stage",
+                        *sp["grid"],
+                        *sp["then"],
+                        "val_error",
+                        "val_error_se",
+                        "val_loss",
+                        "tied",
+                        "chosen",
+                        "failed",
                     ],
                     markdown=True,
                 ),
                 "",
             ]
-        lines += [
-            f"![learning curves](learning_curves{suffix}.png)",
-            "",
-            f"![local energy](local_energy{suffix}.png)",
-            "",
-        ]
-    lines += [
+    return lines
+
+
+def _hyperparameter_section(result: CompareResult) -> list[str]:
+    lines = [
         "## Hyperparameters",
         "",
         "Settings that differ between optimizers (all settings: `results.json`, `configs`):",
         "",
     ]
-    for b in s["budgets"]:
+    for b in result.settings["budgets"]:
         rows = _differing(result.configs[b])
         if len(rows[0]) > 1:
-            lines += [format_table(rows, markdown=True), ""]
+            lines += [f"{b}:", "", format_table(rows, markdown=True), ""]
         else:
             lines += ["(all optimizers share every setting)", ""]
-        break  # the settings differ between budgets only in `budget`
-    lines += [
-        "## Files",
-        "",
-        "- `results.json`: everything above, per-run records, curves",
-        "- `results.csv`, `paired.csv`, `runs.csv`",
-        "- `runs/BUDGET/OPTIMIZER/seedS/`: "
-        "run folders (config.yaml, metrics.csv, summary.json, flatness.json)",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines))
-    log.info("wrote report %s", out / "report.md")
-    return files
+    return lines
 
 
 def measure_label(key: str) -> str:

@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "COLLAPSE_FRACTION",
     "DEFAULT_MARGIN",
     "MAX_EXACT",
     "holm",
+    "is_collapsed",
     "paired_test",
     "sign_flip_p",
     "tost_p",
@@ -46,6 +48,39 @@ __all__ = [
 DEFAULT_MARGIN = 0.003
 #: up to this many pairs the sign-flip test enumerates all 2^n patterns
 MAX_EXACT = 20
+
+
+#: a run "collapsed" (ended at chance) when its final training error and loss are both at least
+#: this fraction of the chance values 1 - 1/C and log C
+COLLAPSE_FRACTION = 0.9
+
+
+def is_collapsed(train_error: float | None, train_loss: float | None, num_classes: int) -> bool:
+    """Whether a finished network is at chance level on its training data.
+
+    Rule: ``train_error >= 0.9 (1 - 1/C)`` **and** ``train_loss >= 0.9 log C`` (``C`` classes;
+    the uniform prediction has error ``1 - 1/C`` on balanced data and loss exactly ``log C``).
+    A trained network has a far lower loss; a collapsed one (constant or uniform output) sits at
+    or above both. Missing values (``None``/NaN) are not evidence of collapse.
+
+    Raises:
+        ValueError: ``num_classes`` < 2.
+
+    Example:
+        >>> is_collapsed(0.90, 2.3026, 10), is_collapsed(0.12, 0.4, 10)
+        (True, False)
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"Invalid num_classes {num_classes!r}: an integer >= 2")
+    if train_error is None or train_loss is None:
+        return False
+    if not (math.isfinite(train_error) and math.isfinite(train_loss)):
+        return False
+    chance_err, chance_loss = 1 - 1 / num_classes, math.log(num_classes)
+    return (
+        train_error >= COLLAPSE_FRACTION * chance_err
+        and train_loss >= COLLAPSE_FRACTION * chance_loss
+    )
 
 
 def _diffs(d: Sequence[float]) -> np.ndarray:
