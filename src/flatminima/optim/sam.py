@@ -19,13 +19,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from flatminima.optim import _amp
-from flatminima.optim._common import check_nonneg
+from flatminima.optim._common import check_base_group, check_nonneg, check_optimizer_class
 
 __all__ = ["SAM", "disable_running_stats", "enable_running_stats"]
 
 logger = logging.getLogger(__name__)
 
 _SAVED = "_flatminima_saved_track_running_stats"
+
+_NO_CLOSURE = (
+    "SAM.step() needs a closure: it runs forward and backward twice (at w and at w + e). "
+    "Without a closure use the two-call protocol: loss_fn(model(x), y).backward(); "
+    "opt.first_step(zero_grad=True); loss_fn(model(x), y).backward() (same batch, BatchNorm "
+    "statistics frozen with disable_running_stats(model)); opt.second_step(zero_grad=True)"
+)
+_FOREIGN = ("entropy_sgd", "replicated_sgd")
+_IMPL_FLAGS = (
+    "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+)
 
 
 class _RunningStatsGuard:
@@ -81,6 +92,20 @@ class SAM(Optimizer):
     Cost: 2 gradient evaluations per step (:attr:`grad_evals`). With ``rho=0`` the step is
     exactly the base optimizer's step.
 
+    Two ways to drive it, equal bit for bit on the same minibatch:
+
+    * ``step(closure)``: the closure (zero grads, forward, backward, return loss) runs twice.
+    * the two-call protocol of github.com/davda54/sam, for loops and frameworks without a
+      closure::
+
+          loss_fn(model(x), y).backward()           # gradient at w
+          opt.first_step(zero_grad=True)            # w <- w + e
+          with disable_running_stats(model):        # BatchNorm statistics from the first pass
+              loss_fn(model(x), y).backward()       # gradient at w + e, same minibatch
+          opt.second_step(zero_grad=True)           # w <- w, base step with that gradient
+
+    A closure that raises in either pass leaves the weights as they were before the step.
+
     Args:
         params: parameters or param-group dicts (``rho``/``adaptive`` may differ per group).
         base_optimizer: an optimizer class (e.g. ``torch.optim.SGD``), built on the same param
@@ -92,7 +117,8 @@ class SAM(Optimizer):
         **base_kwargs: hyperparameters of the base optimizer (``lr``, ``momentum``, ...).
 
     Raises:
-        ValueError: on a negative or non-finite ``rho``.
+        ValueError: on a negative or non-finite ``rho``, or a hyperparameter the base optimizer
+            rejects (in any param group).
         TypeError: if ``base_optimizer`` is not an optimizer class.
 
     Example:
@@ -106,6 +132,16 @@ class SAM(Optimizer):
         >>> loss = opt.step(closure)
         >>> opt.grad_evals
         2
+
+        The same step with the two-call protocol:
+
+        >>> model(torch.ones(4, 3)).pow(2).mean().backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> with disable_running_stats(model):
+        ...     model(torch.ones(4, 3)).pow(2).mean().backward()
+        >>> opt.second_step(zero_grad=True)
+        >>> opt.grad_evals
+        4
     """
 
     def __init__(
@@ -119,10 +155,8 @@ class SAM(Optimizer):
         **base_kwargs: Any,
     ) -> None:
         check_nonneg("rho", rho)
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}"
-            )
+        check_optimizer_class("base_optimizer", base_optimizer)
+        self._base_cls = base_optimizer
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -133,9 +167,20 @@ class SAM(Optimizer):
         self._backup: list[tuple[Tensor, Tensor]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to SAM and to the base optimizer."""
-        if "rho" in param_group:
-            check_nonneg("rho", param_group["rho"])
+        """Add a param group to SAM and to the base optimizer, validated BEFORE it is appended.
+
+        Raises:
+            ValueError: on a bad ``rho`` or a value the base optimizer rejects (e.g. ``lr=-1``);
+                ``param_groups`` is then unchanged.
+        """
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):
+            param_group["params"] = list(params)  # a generator must survive the check
+        merged = {**self.defaults, **param_group}
+        if isinstance(params, Tensor):
+            merged["params"] = [params]
+        check_nonneg("rho", merged["rho"])
+        check_base_group(self._base_cls, merged)
         if hasattr(self, "base_optimizer"):
             for key in ("rho", "adaptive"):
                 param_group.setdefault(key, self.defaults[key])
@@ -184,18 +229,29 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Put back the weights saved by :meth:`first_step` (no base step)."""
+    def restore(self) -> bool:
+        """Put back the weights saved by :meth:`first_step` (no base step).
+
+        Returns:
+            True if weights were put back, False if nothing was saved (then it does nothing).
+        """
         if self._backup is None:
-            raise RuntimeError("second_step() called without first_step()")
+            return False
         ps = [p for p, _ in self._backup]
         if ps:
             torch._foreach_copy_(ps, [b for _, b in self._backup])
         self._backup = None
+        return True
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` and take the base optimizer's step with the gradients at ``w + e``."""
+        """Restore ``w`` and take the base optimizer's step with the gradients at ``w + e``.
+
+        Raises:
+            RuntimeError: without a :meth:`first_step` before it.
+        """
+        if self._backup is None:
+            raise RuntimeError("second_step() called without first_step()")
         self.restore()
         self.base_optimizer.step()
         self.grad_evals += 2
@@ -220,10 +276,10 @@ class SAM(Optimizer):
             The loss of the first pass.
 
         Raises:
-            TypeError: if ``closure`` is None.
+            TypeError: if ``closure`` is None (the message shows the two-call protocol).
         """
         if closure is None:
-            raise TypeError("SAM.step() requires a closure (it runs forward/backward twice)")
+            raise TypeError(_NO_CLOSURE)
         use_scaler = grad_scaler is not None and grad_scaler.is_enabled()
         with torch.enable_grad():
             loss = closure()
@@ -242,6 +298,9 @@ class SAM(Optimizer):
         try:
             with torch.enable_grad():
                 closure()
+        except BaseException:
+            self.restore()  # a failing second pass leaves the weights at w
+            raise
         finally:
             if guard is not None:
                 enable_running_stats(self.model)  # type: ignore[arg-type]
@@ -274,10 +333,34 @@ class SAM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer and re-share its param groups."""
+        """Load into the base optimizer and re-share its param groups.
+
+        Raises:
+            ValueError: if ``state_dict`` is not a SAM state dict over this base optimizer (an
+                EntropySGD or plain SGD state, say); nothing is changed then.
+        """
         sd = dict(state_dict)
         extra = sd.pop("sam", None)
+        self._validate_state_dict(sd)
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
         if extra is not None:
             self.grad_evals = int(extra["grad_evals"])
+
+    def _validate_state_dict(self, sd: dict[str, Any]) -> None:
+        """Refuse another optimizer's state dict with a ValueError naming what is wrong."""
+        foreign = [k for k in _FOREIGN if k in sd]
+        if foreign:
+            raise ValueError(
+                f"SAM.load_state_dict: the state dict has {foreign}: it was saved by another "
+                "optimizer, not SAM"
+            )
+        flags = ("params", *_IMPL_FLAGS)  # torch adds these with defaults when missing
+        need = ["rho", "adaptive", *(k for k in self.base_optimizer.defaults if k not in flags)]
+        for i, group in enumerate(sd.get("param_groups", [])):
+            missing = [k for k in need if k not in group]
+            if missing:
+                raise ValueError(
+                    f"SAM.load_state_dict: param group {i} lacks {missing}: not a state dict of "
+                    f"SAM over {type(self.base_optimizer).__name__}"
+                )
