@@ -212,8 +212,9 @@ def test_rsgd_run_folder_written_once(two_procs: dict[str, Any]) -> None:
         "config.yaml",
         "distributed.json",
         "metrics.csv",
+        "run.json",
         "summary.json",
-    ]
+    ]  # no run.lock left behind
     single_csv = (two_procs["root"] / "single-rsgd" / "metrics.csv").read_text().splitlines()
     dist_csv = (folder / "metrics.csv").read_text().splitlines()
     assert dist_csv[0] == single_csv[0] and len(dist_csv) == len(single_csv) == 3

@@ -12,24 +12,27 @@ A run folder holds:
     state, metrics history. A killed run resumes from it and ends with the same numbers;
 ``summary.json``
     the final result (``status`` is ``complete`` or ``diverged``).
+
+The folder's file names, reuse rules, lock and atomic writes live in
+:mod:`flatminima.train.run_folder`; how several processes share one run is the trainer's
+synchronisation strategy (:class:`LocalSync` here, ``TorchDistributedSync`` in
+:mod:`flatminima.distributed.trainer`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from flatminima.data import ArrayDataset, DataSplits, TensorLoader, default_augment, load_dataset
@@ -37,21 +40,35 @@ from flatminima.models import build_model
 from flatminima.train.algorithms import Algorithm, build_algorithm
 from flatminima.train.config import TrainConfig
 from flatminima.train.evaluate import evaluate, evaluate_ensemble
+from flatminima.train.run_folder import (
+    ResumeMismatchError,
+    RunFileError,
+    RunFolder,
+    RunFolderError,
+    RunFolderLocked,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-SUMMARY = "summary.json"
-METRICS = "metrics.csv"
-CONFIG = "config.yaml"
+__all__ = [
+    "DivergenceError",
+    "LocalSync",
+    "Plan",
+    "ResumeMismatchError",
+    "RunFileError",
+    "RunFolderError",
+    "RunFolderLocked",
+    "Trainer",
+    "determinism",
+    "load_run",
+    "make_plan",
+    "read_summary",
+    "train",
+]
 
 
 class DivergenceError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite; the last good checkpoint is kept."""
-
-
-class ResumeMismatchError(ValueError):
-    """Raised when a run folder holds a run with a different configuration."""
 
 
 @dataclass
@@ -150,37 +167,110 @@ def _endless(loader: TensorLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]
         yield from loader
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    """``summary.json`` of a run folder, or ``None`` (see :meth:`RunFolder.summary`)."""
+    return RunFolder(run_dir).summary()
+
+
+@contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """torch's deterministic algorithms while the block runs, the previous settings after.
+
+    Only switched on accelerators (the CPU kernels used here are deterministic already, and the
+    switch costs seconds of imports per process). ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set
+    unless already set (cuBLAS reads it when its first handle is created, so a process that
+    used cuBLAS before keeps its workspace; torch then warns) and removed again after.
+    """
+    if not enabled or device.type == "cpu":
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+class LocalSync:
+    """Synchronisation strategy of a run in one process: nothing to synchronise.
+
+    The :class:`Trainer` calls these hooks at fixed points; a strategy for several processes
+    (:class:`flatminima.distributed.trainer.TorchDistributedSync`) gathers, broadcasts and waits
+    there, and lets only its main process (``is_main``) evaluate and write the run folder.
+    """
+
+    is_main = True
+    label = ""
+    #: where checkpoint tensors are loaded (``None``: the trainer's device)
+    checkpoint_device: str | None = None
+
+    def build_algorithm(
+        self, cfg: TrainConfig, factory: Callable[[], nn.Module], device: torch.device
+    ) -> Algorithm:
+        """This process's algorithm adapter."""
+        return build_algorithm(cfg, factory, device)
+
+    def share(self, obj: Any) -> Any:
+        """``obj`` as the main process has it (a broadcast)."""
+        return obj
+
+    def before_eval(self, algo: Algorithm) -> None:
+        """Collect on the main process what it evaluates."""
+
+    def after_eval(self) -> None:
+        """Wait until the main process has evaluated."""
+
+    def checkpoint(self, state: dict[str, Any], cfg: TrainConfig) -> Any | None:
+        """What the main process saves as the checkpoint (``None`` on the others)."""
+        return state
+
+    def after_checkpoint(self) -> None:
+        """Wait until the main process has written the checkpoint."""
+
+    def unpack(self, ckpt: Any, path: Path) -> Any:
+        """Check a checkpoint read by the main process; what :meth:`distribute` hands out."""
+        if "ranks" in ckpt:
+            raise ResumeMismatchError(
+                f"{path} is a distributed checkpoint (layout {ckpt.get('distributed')}); "
+                "resume it with --distributed and the same layout, or use another --out folder"
+            )
+        return ckpt
+
+    def distribute(self, unpacked: Any) -> Any:
+        """This process's share of what :meth:`unpack` returned on the main process."""
+        return unpacked
+
+    def layout(self) -> dict[str, Any] | None:
+        """The process layout written to ``distributed.json`` and the summary (none here)."""
+        return None
+
+    def failure(self, exc: BaseException, trainer: Trainer) -> BaseException | None:
+        """The error to raise instead of ``exc`` (``None``: ``exc`` itself)."""
+        return None
 
 
 class Trainer:
-    """Builds everything a run needs from its config and runs it in ``out_dir``."""
+    """Builds everything a run needs from its config and runs it in a run folder.
+
+    Global state: the trainer keeps its own random state (seeded from ``cfg.seed`` for the data
+    and the model initialisation, then carried through training and checkpoints) and swaps it
+    into torch only while :meth:`run` runs, so the caller's global RNG is left as it was;
+    ``cfg.deterministic`` switches torch's deterministic algorithms on an accelerator for the
+    duration of :meth:`run` only (:func:`determinism`).
+
+    Args:
+        cfg: the run's config.
+        out_dir: the run folder, or ``None`` for a run that writes nothing.
+        data: optional preloaded data splits.
+        progress: show a progress bar (default ``cfg.progress``; main process only).
+        sync: the synchronisation strategy (default :class:`LocalSync`, one process).
+    """
 
     def __init__(
         self,
@@ -189,47 +279,29 @@ class Trainer:
         *,
         data: DataSplits | None = None,
         progress: bool | None = None,
+        sync: LocalSync | None = None,
     ) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = cfg.progress if progress is None else progress
+        self.sync = sync if sync is not None else LocalSync()
+        self.folder = RunFolder(out_dir) if out_dir is not None else None
+        show = cfg.progress if progress is None else progress
+        self.progress = bool(show) and self.sync.is_main
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"Invalid device {cfg.device!r}: CUDA is not available here")
-        torch.manual_seed(cfg.seed)
-        if cfg.deterministic and self.device.type != "cpu":
-            # CPU kernels used here are deterministic already; the switch costs seconds of
-            # imports per process, so it is only flipped where it matters (CUDA).
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        self.data = data if data is not None else load_data(cfg, self.device)
-        self.data = dataclasses.replace(
-            self.data,
-            train=self.data.train.to(self.device),
-            test=self.data.test.to(self.device),
-            val=None if self.data.val is None else self.data.val.to(self.device),
+        self._cuda_devices = (
+            list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         )
-        torch.manual_seed(cfg.seed)  # model initialisation does not depend on data loading
-        self.algo = self._build_algorithm(_model_factory(cfg, self.data))
-        augment = None
-        if cfg.augment:
-            augment = default_augment(cfg.data)
-            if augment is None:
-                raise ValueError(
-                    f"augment=True, but data set {cfg.data!r} has no image augmentation "
-                    "(crop and flip apply to image data sets)")
-        self.loaders = [
-            TensorLoader(
-                self.data.train,
-                cfg.batch_size,
-                shuffle=True,
-                drop_last=True,
-                augment=augment,
-                seed=cfg.seed * 1009 + s,
-            )
-            for s in range(self.algo.num_streams)
-        ]
+        with torch.random.fork_rng(devices=self._cuda_devices):
+            torch.manual_seed(cfg.seed)
+            self.data = self._place(data if data is not None else load_data(cfg, self.device))
+            torch.manual_seed(cfg.seed)  # model initialisation does not depend on data loading
+            self.algo = self.sync.build_algorithm(cfg, _model_factory(cfg, self.data), self.device)
+            self._rng = torch.get_rng_state()
+            self._cuda_rng = torch.cuda.get_rng_state_all() if self._cuda_devices else None
+        self._rng_active = False
+        self.loaders = self._make_loaders()
         self.plan = make_plan(cfg, self.algo, len(self.data.train))
         self.algo.make_gamma_scheduler(self.plan.total_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -239,24 +311,65 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.train_time = 0.0
-        n_eval = cfg.train_eval_samples or len(self.data.train)
-        n_eval = min(n_eval, len(self.data.train))
+        n_eval = min(cfg.train_eval_samples or len(self.data.train), len(self.data.train))
         self.train_eval = ArrayDataset(self.data.train.x[:n_eval], self.data.train.y[:n_eval])
-        self._tb = None
+        self._tb: Any = None
         self._streams: list[Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
-    def _build_algorithm(self, model_factory: Callable[[], nn.Module]) -> Algorithm:
-        """Hook: the algorithm adapter (the distributed trainer returns per-process ones)."""
-        return build_algorithm(self.cfg, model_factory, self.device)
+    @property
+    def out_dir(self) -> Path | None:
+        """The run folder's path (``None``: nothing is written)."""
+        return self.folder.path if self.folder is not None else None
+
+    def _place(self, data: DataSplits) -> DataSplits:
+        return dataclasses.replace(
+            data,
+            train=data.train.to(self.device),
+            test=data.test.to(self.device),
+            val=None if data.val is None else data.val.to(self.device),
+        )
+
+    def _make_loaders(self) -> list[TensorLoader]:
+        cfg = self.cfg
+        augment = None
+        if cfg.augment:
+            augment = default_augment(cfg.data)
+            if augment is None:
+                raise ValueError(
+                    f"augment=True, but data set {cfg.data!r} has no image augmentation "
+                    "(crop and flip apply to image data sets)")
+        return [
+            TensorLoader(self.data.train, cfg.batch_size, shuffle=True, drop_last=True,
+                         augment=augment, seed=cfg.seed * 1009 + s)
+            for s in range(self.algo.num_streams)
+        ]
 
     # ------------------------------------------------------------------ state
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """torch's global RNG holds this run's state inside the block; the caller's after."""
+        with torch.random.fork_rng(devices=self._cuda_devices):
+            torch.set_rng_state(self._rng)
+            if self._cuda_rng is not None:
+                torch.cuda.set_rng_state_all(self._cuda_rng)
+            self._rng_active = True
+            try:
+                yield
+            finally:
+                self._rng_active = False
+                self._rng = torch.get_rng_state()
+                if self._cuda_devices:
+                    self._cuda_rng = torch.cuda.get_rng_state_all()
+
     def state_dict(self) -> dict[str, Any]:
+        active = self._rng_active
+        cuda = torch.cuda.get_rng_state_all() if active and self._cuda_devices else self._cuda_rng
         return {
             "algorithm": self.algo.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "loaders": [ld.state_dict() for ld in self.loaders],
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "torch_rng": torch.get_rng_state() if active else self._rng.clone(),
+            "cuda_rng": cuda if torch.cuda.is_available() else None,
             "step": self.step,
             "epoch": self.epoch,
             "history": self.history,
@@ -271,30 +384,18 @@ class Trainer:
             ld.load_state_dict(s)
         self._streams = None
         # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them
-        torch.set_rng_state(state["torch_rng"].cpu())
+        self._rng = state["torch_rng"].cpu()
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+            self._cuda_rng = [s.cpu() for s in state["cuda_rng"]]
+            self._cuda_devices = list(range(torch.cuda.device_count()))
+        if self._rng_active:
+            torch.set_rng_state(self._rng)
+            if self._cuda_rng is not None:
+                torch.cuda.set_rng_state_all(self._cuda_rng)
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         self.train_time = state["train_time"]
-
-    def _try_resume(self) -> None:
-        assert self.out_dir is not None
-        ckpt = self.out_dir / CHECKPOINT
-        if not ckpt.is_file():
-            return
-        state = torch.load(ckpt, map_location=self.device, weights_only=False)
-        if state["config"] != self.cfg.numerics():
-            diff = sorted(
-                k for k in self.cfg.numerics() if state["config"].get(k) != self.cfg.numerics()[k]
-            )
-            raise ResumeMismatchError(
-                f"{self.out_dir} holds a run with a different configuration (differs in: "
-                f"{', '.join(diff)}); use another --out folder or delete it"
-            )
-        self.load_state_dict(state)
-        log.info("resumed %s at epoch %d (step %d)", self.out_dir, self.epoch, self.step)
 
     # ------------------------------------------------------------------ evaluation
     def _recalibration_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -303,11 +404,23 @@ class Trainer:
         for i in range(0, len(ds), bs):
             yield ds.x[i : i + bs], ds.y[i : i + bs]
 
+    def eval_models(self) -> dict[str, nn.Module]:
+        """The networks evaluated at each evaluation point; the first is *the* result."""
+        return self.algo.eval_models(self._recalibration_batches())
+
     def evaluate(self) -> dict[str, float]:
+        """The evaluation row (collective: only the main process evaluates, the others get
+        ``{}``)."""
+        self.sync.before_eval(self.algo)
+        row = self._evaluate() if self.sync.is_main else {}
+        self.sync.after_eval()
+        return row
+
+    def _evaluate(self) -> dict[str, float]:
         cfg = self.cfg
         bs = cfg.eval_batch_size
         rng = torch.get_rng_state()  # evaluation never shifts the training randomness
-        models = self.algo.eval_models(self._recalibration_batches())
+        models = self.eval_models()
         row: dict[str, float] = {}
         for i, (name, model) in enumerate(models.items()):
             prefix = "" if i == 0 else f"{name}_"
@@ -361,25 +474,105 @@ class Trainer:
     def run(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train to the end of the budget (resuming if the run folder has a checkpoint).
 
+        A folder that holds the finished run of this config is not trained again: a complete
+        run returns its summary, a diverged one raises its :class:`DivergenceError` again.
+
         Args:
             max_epochs: stop after this many epochs of this call (the run stays resumable and no
                 summary is written unless the budget is used up).
+
+        Raises:
+            DivergenceError: the loss became NaN/inf (now, or when the run was trained).
+            RunFolderError: the folder is not empty and holds no run of this config
+                (:class:`ResumeMismatchError`: another config), or another live process writes
+                it (:class:`RunFolderLocked`).
+            RunFileError: a run-folder file could not be written or read.
         """
+        try:
+            with self._own_rng(), determinism(self.cfg.deterministic, self.device):
+                return self._run(max_epochs)
+        except BaseException as exc:
+            failure = self.sync.failure(exc, self)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _run(self, max_epochs: int | None) -> dict[str, Any]:
+        finished, state = self._start()
+        if finished is not None:
+            log.info("%s is finished (%s); nothing to do", self.out_dir, finished["status"])
+            if finished["status"] == "diverged":
+                raise DivergenceError(finished.get("message") or "the run diverged")
+            return finished
+        try:
+            if state is not None:
+                self.load_state_dict(state)
+                log.info("resumed %s at epoch %d (step %d)", self.out_dir, self.epoch, self.step)
+            self._open_outputs()
+            return self._train(max_epochs)
+        finally:
+            if self.folder is not None:
+                self.folder.close()
+
+    def _start(self) -> tuple[dict[str, Any] | None, Any]:
+        """On the main process: skip a finished run, else claim the folder and read its
+        checkpoint; the decision is shared, and each process gets its state to resume."""
+        decision: dict[str, Any] = {"finished": None, "error": None}
+        unpacked: Any = None
+        error: BaseException | None = None
+        if self.sync.is_main and self.folder is not None:
+            try:
+                decision["finished"], unpacked = self._claim()
+            except Exception as exc:
+                error = exc
+                decision["error"] = f"{type(exc).__name__}: {exc}"
+        decision = self.sync.share(decision)
+        if decision["error"] is not None:
+            if self.folder is not None:
+                self.folder.close()
+            if error is not None:
+                raise error
+            raise ResumeMismatchError(f"the main process could not start: {decision['error']}")
+        if decision["finished"] is not None:
+            return decision["finished"], None
+        return None, self.sync.distribute(unpacked)
+
+    def _claim(self) -> tuple[dict[str, Any] | None, Any]:
+        assert self.folder is not None
+        folder, cfg = self.folder, self.cfg
+        finished = folder.finished_summary(cfg)
+        if finished is not None:
+            return finished, None
+        folder.open(cfg, self.data)
+        try:
+            finished = folder.finished_summary(cfg)  # finished meanwhile by another process
+            if finished is not None:
+                folder.close()
+                return finished, None
+            ckpt = folder.read_checkpoint(self.sync.checkpoint_device or self.device)
+            if ckpt is None:
+                return None, None
+            recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
+            if recorded != cfg.numerics():
+                folder._mismatch(recorded or {}, cfg)
+            return None, self.sync.unpack(ckpt, folder.file(folder.CHECKPOINT))
+        except BaseException:
+            folder.close()
+            raise
+
+    def _open_outputs(self) -> None:
+        """Main process: config.yaml, the layout of a distributed run, TensorBoard."""
+        if not self.sync.is_main or self.folder is None:
+            return
+        self.folder.write_config(self.cfg)
+        layout = self.sync.layout()
+        if layout is not None:
+            self.folder.write_json(RunFolder.LAYOUT, layout)
+        if self.cfg.tensorboard:
+            self._open_tensorboard()
+
+    def _train(self, max_epochs: int | None) -> dict[str, Any]:
         cfg = self.cfg
-        if self.out_dir is not None:
-            summary = read_summary(self.out_dir)
-            if (
-                summary is not None
-                and summary.get("status") == "complete"
-                and summary.get("config") == cfg.numerics()
-            ):
-                log.info("%s is complete; nothing to do", self.out_dir)
-                return summary
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._try_resume()
-            (self.out_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            if cfg.tensorboard:
-                self._open_tensorboard()
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -388,29 +581,29 @@ class Trainer:
                 total=self.plan.total_steps,
                 initial=self.step,
                 unit="step",
-                desc=f"{cfg.optimizer} {cfg.model}/{cfg.data} s{cfg.seed}",
+                desc=f"{cfg.optimizer}{self.sync.label} {cfg.model}/{cfg.data} s{cfg.seed}",
                 leave=False,
             )
         done = 0
         try:
             while self.step < self.plan.total_steps:
                 if max_epochs is not None and done >= max_epochs:
-                    return {
-                        "status": "incomplete",
-                        "steps": self.step,
-                        "final": self.history[-1] if self.history else {},
-                    }
+                    final = self.history[-1] if self.history else {}
+                    return {"status": "incomplete", "steps": self.step, "final": final}
                 self._run_epoch(bar)
                 done += 1
+        except DivergenceError as exc:
+            self._finish("diverged", message=str(exc))
+            raise
         finally:
             if bar is not None:
                 bar.close()
             if self._tb is not None:
                 self._tb.close()
+                self._tb = None
         return self._finish("complete")
 
     def _run_epoch(self, bar: Any) -> None:
-        cfg = self.cfg
         # Each loader is a cursor over an endless seeded stream of epochs; steps that use
         # several batches (eSGD) may straddle an epoch boundary, and a resumed run continues
         # from the saved cursor.
@@ -440,18 +633,22 @@ class Trainer:
             torch.cuda.synchronize()
         self.train_time += time.perf_counter() - t0
         self.epoch += 1
+        self._record(steps, float(loss_sum))
+        self._checkpoint()
+
+    def _record(self, steps: int, loss_sum: float) -> None:
+        """Evaluate and append this evaluation point's metrics row."""
+        cfg = self.cfg
         t1 = time.perf_counter()
         row: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
             "grad_evals": self.step * self.plan.grad_evals_per_step,
-            "data_epochs": self.step
-            * self.algo.batches_per_step
-            * cfg.batch_size
+            "data_epochs": self.step * self.algo.batches_per_step * cfg.batch_size
             / self.plan.train_size,
             "lr": self.algo.optimizer.param_groups[0]["lr"],
             "gamma": self.algo.current_gamma(),
-            "train_loss": float(loss_sum) / max(steps, 1),
+            "train_loss": loss_sum / max(steps, 1),
         }
         row.update(self.evaluate())
         row["train_time_s"] = self.train_time
@@ -470,18 +667,28 @@ class Trainer:
             for k, v in row.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, self.step)
-        if self.out_dir is not None:
-            _write_csv(self.history, self.out_dir / METRICS)
-            _save_atomic(self.state_dict(), self.out_dir / CHECKPOINT)
+
+    def _checkpoint(self) -> None:
+        """metrics.csv and checkpoint.pt (collective: the main process writes)."""
+        payload = self.sync.checkpoint(self.state_dict(), self.cfg)
+        if payload is not None and self.folder is not None:
+            self.folder.write_metrics(self.history)
+            self.folder.save_checkpoint(payload)
+        self.sync.after_checkpoint()
 
     def _diverged(self, loss: float) -> None:
         msg = (
             f"training loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
             "stopping. Lower lr (or gamma/inner_lr); "
         )
-        if self.out_dir is not None:
-            msg += f"the last good checkpoint is kept in {self.out_dir / CHECKPOINT}"
-            self._finish("diverged", message=msg)
+        if self.folder is None:
+            msg += "nothing was saved (no run folder)"
+        elif self.epoch > 0 and self.folder.file(RunFolder.CHECKPOINT).is_file():
+            msg += (f"the last good checkpoint (epoch {self.epoch}, step "
+                    f"{self.plan.epoch_end(self.epoch)}) is kept in "
+                    f"{self.folder.file(RunFolder.CHECKPOINT)}")
+        else:
+            msg += "no checkpoint was written (it diverged before the first evaluation point)"
         log.error(msg)
         raise DivergenceError(msg)
 
@@ -511,8 +718,12 @@ class Trainer:
                 "val_error": best["val_error"],
                 "test_error": best["test_error"],
             }
-        if self.out_dir is not None:
-            _write_json(summary, self.out_dir / SUMMARY)
+        layout = self.sync.layout()
+        if layout is not None:
+            summary["distributed"] = {k: v for k, v in layout.items()
+                                      if k != "per_rank_batch_size"}
+        if self.folder is not None and self.sync.is_main:
+            self.folder.write_summary(summary)
         return summary
 
     def _open_tensorboard(self) -> None:
@@ -524,8 +735,8 @@ class Trainer:
                 "scalars are not written"
             )
             return
-        assert self.out_dir is not None
-        self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        assert self.folder is not None
+        self._tb = SummaryWriter(str(self.folder.file(RunFolder.TENSORBOARD)))
 
 
 def train(
@@ -537,6 +748,10 @@ def train(
 ) -> dict[str, Any]:
     """Train one run to the end of its budget and return its summary.
 
+    Seeding and determinism are the config's ``seed`` and ``deterministic`` keys; the caller's
+    global RNG and torch's deterministic mode are as they were when this returns (see
+    :class:`Trainer`).
+
     Example:
         >>> from flatminima.train import TrainConfig, train
         >>> cfg = TrainConfig(data="digits", model="mlp", optimizer="rsgd", epochs=2,
@@ -547,17 +762,51 @@ def train(
     return Trainer(cfg, out_dir, data=data, progress=progress).run()
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> Trainer:
-    """Rebuild a run's trainer from its folder, with the last checkpoint loaded."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no {CONFIG})")
-    cfg = TrainConfig.from_yaml(run_dir / CONFIG)
+def _unpack_for_one_process(ckpt: Any, cfg: TrainConfig, path: Path) -> dict[str, Any]:
+    """A checkpoint as one process loads it (a data-parallel run: rank 0's state)."""
+    if "ranks" not in ckpt:
+        return ckpt
+    if cfg.optimizer == "rsgd":
+        raise ValueError(
+            f"{path} is a distributed rSGD checkpoint (one replica per process); loading it in "
+            "one process is not supported: measure it from the processes that trained it"
+        )
+    return ckpt["ranks"][0]
+
+
+def load_run(
+    run_dir: str | Path, device: str | None = None, *, data: DataSplits | None = None
+) -> Trainer:
+    """Rebuild a run's trainer from its folder, with the last checkpoint loaded.
+
+    Args:
+        run_dir: the run folder.
+        device: compute on this device instead of the run's.
+        data: the run's data splits, when already loaded (else loaded from its config).
+
+    Raises:
+        FileNotFoundError: not a run folder, no checkpoint, or the data files the run was
+            trained on are gone.
+        ValueError: the data found now is not the data the run was trained on.
+        RunFileError: a truncated or corrupt checkpoint.
+    """
+    folder = RunFolder(run_dir)
+    cfg = folder.read_config()
     if device is not None:
         cfg = cfg.replace(device=device)
-    trainer = Trainer(cfg, None, progress=False)
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT}")
-    trainer.load_state_dict(torch.load(ckpt, map_location=trainer.device, weights_only=False))
+    ckpt = folder.read_checkpoint(map_location=torch.device(cfg.device))
+    if ckpt is None:
+        raise FileNotFoundError(f"{folder.path} has no {RunFolder.CHECKPOINT}: train it first")
+    trainer = Trainer(cfg, None, data=data, progress=False)
+    folder.check_data(trainer.data)
+    state = _unpack_for_one_process(ckpt, cfg, folder.file(RunFolder.CHECKPOINT))
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as exc:
+        d = trainer.data
+        raise ValueError(
+            f"{folder.path}: the data loaded now ({d.name} from {d.source}, {len(d.train)} "
+            f"training samples) is not the data the run was trained on ({exc}); make the run's "
+            f"data files available again (data_root={cfg.data_root!r} or $FLATMINIMA_DATA)"
+        ) from exc
     return trainer
