@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flatminima.train.config import parse_value
+from flatminima.train.config import coerce, parse_override
 
 __all__ = ["register"]
 
@@ -63,10 +63,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             over[key] = value
     for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"Invalid --set {item!r}: expected KEY=VALUE")
-        key, val = item.split("=", 1)
-        over[key.strip().replace("-", "_")] = parse_value(val)
+        key, text = parse_override(item)
+        over[key] = coerce(key, text)
     return over
 
 
@@ -287,10 +285,8 @@ def run_study(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"Invalid --set {item!r}: expected KEY=VALUE")
-        key, val = item.split("=", 1)
-        over[key.strip().replace("-", "_")] = parse_value(val)
+        key, text = parse_override(item)
+        over[key] = coerce(key, text)
     result = correlation_study(
         args.out,
         args.grid,

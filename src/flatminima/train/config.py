@@ -184,12 +184,12 @@ class TrainConfig:
                 f"Invalid gamma_max value {self.gamma_max!r}; valid: a number >= gamma "
                 f"(gamma={self.gamma!r}) or null"
             )
-        top = self.gamma_max if self.gamma_max is not None else self.gamma * self.gamma_growth
-        if not top < _FLOAT32_MAX:
+        top = self.gamma * self.gamma_growth
+        if self.gamma_max is None and not top < _FLOAT32_MAX:
             raise ConfigError(
-                f"Invalid gamma_growth value {self.gamma_growth!r}: the final coupling "
-                f"gamma * gamma_growth = {top:.3g} overflows float32 (max {_FLOAT32_MAX:.3g}); "
-                "valid: a smaller gamma_growth or a gamma_max"
+                f"Invalid gamma_growth value {self.gamma_growth!r} with gamma={self.gamma!r}: "
+                f"the final coupling gamma * gamma_growth = {top:.3g} overflows float32 "
+                f"(max {_FLOAT32_MAX:.3g}); valid: a smaller gamma or gamma_growth, or a gamma_max"
             )
         self._validate_grad_clip()
 
@@ -237,7 +237,8 @@ _FRACTION = _rng(0, 1, text="a fraction in [0, 1)")
 
 # key -> (converter of one value, range check or None, choices or None)
 _RANGES: dict[str, tuple] = {
-    **dict.fromkeys(("lr", "epochs", "gamma", "gamma_growth", "inner_lr", "lr_decay"), _POS),
+    **dict.fromkeys(("lr", "epochs", "gamma_growth", "inner_lr", "lr_decay"), _POS),
+    "gamma": _rng(0, _FLOAT32_MAX, open_low=True, text="a number in (0, 3.4e38)"),
     **dict.fromkeys(
         ("momentum", "weight_decay", "noise", "rho", "warmup_epochs", "val_size"), _NONNEG
     ),
@@ -257,7 +258,7 @@ _RANGES: dict[str, tuple] = {
     "mu_decay": _FRACTION,
     "label_noise": _FRACTION,
     "grad_clip": _rng(0, open_low=True, text="null or a number > 0 (max gradient L2 norm)"),
-    "gamma_max": _rng(0, open_low=True, text="null or a number > 0"),
+    "gamma_max": _rng(0, _FLOAT32_MAX, open_low=True, text="null or a number in (0, 3.4e38)"),
     "seed": _rng(0, _SEED_MAX, open_high=False, text=f"a whole number in [0, {_SEED_MAX}]"),
     "lr_milestones": _rng(0, 1, open_low=True, text="fractions of the run in (0, 1)"),
     "flatness_sigmas": _rng(0, text="noise strengths >= 0"),

@@ -78,7 +78,7 @@ def to_float(key: str, value: Any) -> float:
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (ValueError, OverflowError):
-        raise fail(key, value, valid, "not a number") from None
+        raise fail(key, value, valid, _not_a_number(value)) from None
     if not math.isfinite(number):
         raise fail(key, value, valid, "not finite")
     return number
@@ -91,15 +91,25 @@ def to_int(key: str, value: Any) -> int:
         raise fail(key, value, valid, _kind(value))
     if isinstance(value, int):
         return value
-    if isinstance(value, str):
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str):
         try:
-            return int(value.strip())
+            return int(text)
         except ValueError:
             pass
-    number = to_float(key, value)
-    if not number.is_integer():
+    try:
+        number = float(text)
+    except ValueError:
+        raise fail(key, value, valid, _not_a_number(value)) from None
+    if not math.isfinite(number) or not number.is_integer():
         raise fail(key, value, valid, "not a whole number")
     return int(number)
+
+
+def _not_a_number(value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return "a boolean, not a number"
+    return "not a number"
 
 
 def to_bool(key: str, value: Any) -> bool:
@@ -131,12 +141,18 @@ def to_optional(convert: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]
     return optional
 
 
-def yaml_scalar(text: str) -> Any:
-    """Parse a YAML value; a parse error becomes a one-line ``ValueError``."""
+def yaml_scalar(text: str, key: str = "", valid: str = "a YAML value") -> Any:
+    """Parse a YAML value; a parse error becomes a one-line :class:`ConfigError` naming ``key``."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {show(text)} as YAML: {one_line(err)}") from None
+        problem = getattr(err, "problem", None) or "syntax error"
+        mark = getattr(err, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        why = f"malformed YAML: {one_line(problem)}{where}"
+        if key:
+            raise fail(key, text, valid, why) from None
+        raise ConfigError(f"cannot parse {show(text)}: {why}") from None
 
 
 def to_list(key: str, value: Any, convert: Callable[[str, Any], Any]) -> list[Any]:
@@ -144,7 +160,7 @@ def to_list(key: str, value: Any, convert: Callable[[str, Any], Any]) -> list[An
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            value = yaml_scalar(text)
+            value = yaml_scalar(text, key, "a list such as 0.1,0.2 or [0.1, 0.2]")
             if not isinstance(value, list):
                 raise fail(key, text, "a list such as 0.1,0.2 or [0.1, 0.2]")
         else:
@@ -165,14 +181,14 @@ def to_mapping(key: str, value: Any) -> dict[str, Any]:
         if not text or text.lower() in NULL_WORDS:
             return {}
         if text.startswith("{"):
-            value = yaml_scalar(text)
+            value = yaml_scalar(text, key, valid)
         else:
             value = {}
             for part in filter(None, (p.strip() for p in text.split(","))):
                 name, eq, item = part.partition("=")
                 if not eq or not name.strip():
                     raise fail(key, part, valid, "expected NAME=VALUE")
-                value[name.strip()] = yaml_scalar(item) if item.strip() else item
+                value[name.strip()] = yaml_scalar(item, key, valid) if item.strip() else item
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
