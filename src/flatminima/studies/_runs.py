@@ -8,11 +8,8 @@ back, a change of settings re-measures only what changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatminima.data import DataSplits
-from flatminima.train import DivergenceError, TrainConfig, Trainer, read_summary, train
-from flatminima.train.loop import load_data
+from flatminima.train import DivergenceError, TrainConfig, train
+from flatminima.train.loop import load_data, load_run
+from flatminima.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-FLATNESS = "flatness.json"
+FLATNESS = RunFolder.FLATNESS
 
 
 class DataCache:
@@ -56,13 +54,8 @@ class DataCache:
 
 
 def is_complete(run_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether ``run_dir`` holds a finished run of exactly ``cfg``."""
-    summary = read_summary(run_dir)
-    return (
-        bool(summary)
-        and summary.get("status") == "complete"
-        and summary.get("config") == cfg.numerics()
-    )
+    """Whether ``run_dir`` holds a run of exactly ``cfg`` that used up its budget."""
+    return RunFolder(run_dir).is_complete(cfg)
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, data: DataCache) -> dict[str, Any]:
@@ -72,33 +65,21 @@ def train_run(cfg: TrainConfig, run_dir: Path, data: DataCache) -> dict[str, Any
     ``status: diverged`` and is returned as is, also on a re-run (training is deterministic, so
     it would diverge again).
     """
-    summary = read_summary(run_dir)
-    if (
-        summary
-        and summary.get("config") == cfg.numerics()
-        and summary.get("status") in ("complete", "diverged")
-    ):
+    folder = RunFolder(run_dir)
+    summary = folder.finished_summary(cfg)
+    if summary is not None:
         log.info("skipping finished run %s (%s)", run_dir, summary["status"])
         return summary
     try:
         return train(cfg, run_dir, data=data.get(cfg), progress=False)
     except DivergenceError as exc:
         log.warning("run %s diverged: %s", run_dir, exc)
-        return read_summary(run_dir) or {"status": "diverged", "message": str(exc)}
+        return folder.summary() or {"status": "diverged", "message": str(exc)}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     """The per-epoch rows of ``metrics.csv`` as floats (empty cells -> NaN)."""
-    import csv
-
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as fh:
-        return [
-            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-            for row in csv.DictReader(fh)
-        ]
+    return RunFolder(run_dir).read_metrics()
 
 
 def load_network(cfg: TrainConfig, run_dir: Path, data: DataCache) -> tuple[nn.Module, DataSplits]:
@@ -107,19 +88,8 @@ def load_network(cfg: TrainConfig, run_dir: Path, data: DataCache) -> tuple[nn.M
     Raises:
         FileNotFoundError: the run folder has no checkpoint.
     """
-    ckpt = run_dir / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt: train it first")
-    trainer = Trainer(cfg, None, data=data.get(cfg), progress=False)
-    trainer.load_state_dict(torch.load(ckpt, map_location=trainer.device, weights_only=False))
-    ds, bs = trainer.train_eval, cfg.eval_batch_size
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(ds), bs):
-            yield ds.x[i : i + bs], ds.y[i : i + bs]
-
-    models = trainer.algo.eval_models(batches())
-    return next(iter(models.values())), trainer.data
+    trainer = load_run(run_dir, cfg.device, data=data.get(cfg))
+    return next(iter(trainer.eval_models().values())), trainer.data
 
 
 @dataclass
@@ -165,12 +135,6 @@ class MeasureSettings:
             )
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
 def measure_run(
     cfg: TrainConfig, run_dir: Path, data: DataCache, settings: MeasureSettings
 ) -> dict[str, Any]:
@@ -187,9 +151,9 @@ def measure_run(
         ``{"local_energy": LocalEnergyResult.to_dict(), "hessian_trace": {...},
         "free_entropy": {...}}`` (the measures asked for).
     """
-    path = run_dir / FLATNESS
-    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    summary = read_summary(run_dir) or {}
+    folder = RunFolder(run_dir)
+    cache: dict[str, Any] = folder.read_json(FLATNESS) or {}
+    summary = folder.summary() or {}
     stamp = {"steps": summary.get("steps"), "config": cfg.numerics()}
     n = settings.n_samples
     wanted: dict[str, dict[str, Any]] = {
@@ -244,5 +208,5 @@ def measure_run(
                 ).to_dict()
             cache[key] = {"settings": {**wanted[key], **stamp}, "result": res}
             log.info("measured %s of %s", key, run_dir)
-        _write_json(cache, path)
+        folder.write_json(FLATNESS, cache)
     return {k: cache[k]["result"] for k in wanted}

@@ -552,9 +552,7 @@ class Trainer:
             ckpt = folder.read_checkpoint(self.sync.checkpoint_device or self.device)
             if ckpt is None:
                 return None, None
-            recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
-            if recorded != cfg.numerics():
-                folder._mismatch(recorded or {}, cfg)
+            folder.check_config(ckpt.get("config") if isinstance(ckpt, dict) else None, cfg)
             return None, self.sync.unpack(ckpt, folder.file(folder.CHECKPOINT))
         except BaseException:
             folder.close()

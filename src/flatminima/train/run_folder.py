@@ -213,7 +213,8 @@ class RunFolder:
         return self.path / name
 
     # ------------------------------------------------------------------ reading
-    def _read_json(self, name: str) -> dict[str, Any] | None:
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """The JSON object in file ``name``, or ``None`` when absent (RunFileError: unreadable)."""
         path = self.file(name)
         if not path.is_file():
             return None
@@ -225,12 +226,12 @@ class RunFolder:
 
     def summary(self) -> dict[str, Any] | None:
         """``summary.json`` as a dict, or ``None`` when the run has not ended."""
-        return self._read_json(self.SUMMARY)
+        return self.read_json(self.SUMMARY)
 
     def marker(self) -> dict[str, Any] | None:
         """The marker ``run.json`` if it is a flatminima marker, else ``None``."""
         try:
-            marker = self._read_json(self.MARKER)
+            marker = self.read_json(self.MARKER)
         except RunFileError:
             return None
         return marker if marker and marker.get("format") == MARKER_FORMAT else None
@@ -353,7 +354,7 @@ class RunFolder:
         marker = self.marker()
         if marker is not None:
             if marker.get("config_hash") != config_hash(cfg):
-                self._mismatch(marker.get("config") or {}, cfg)
+                self.check_config(marker.get("config") or {}, cfg)
             return
         recorded = self._legacy_config()
         if recorded is None:
@@ -362,8 +363,7 @@ class RunFolder:
                 f"flatminima run (no {self.MARKER}); refusing to write into it: choose another "
                 "--out folder or empty this one"
             )
-        if recorded != cfg.numerics():
-            self._mismatch(recorded, cfg)
+        self.check_config(recorded, cfg)
 
     def _entries(self) -> list[str]:
         if not self.path.is_dir():
@@ -388,8 +388,12 @@ class RunFolder:
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
         return config if isinstance(config, dict) else None
 
-    def _mismatch(self, recorded: dict[str, Any], cfg: TrainConfig) -> None:
-        diff = _config_diff(recorded, cfg) or ["unknown keys"]
+    def check_config(self, recorded: dict[str, Any] | None, cfg: TrainConfig) -> None:
+        """Raise :class:`ResumeMismatchError` naming the keys where ``recorded`` (a config's
+        ``numerics()``, e.g. from a checkpoint) differs from ``cfg``."""
+        if recorded == cfg.numerics():
+            return
+        diff = _config_diff(recorded or {}, cfg) or ["unknown keys"]
         raise ResumeMismatchError(
             f"{self.path} holds a run with a different configuration (differs in: "
             f"{', '.join(diff)}); use another --out folder or delete it"
