@@ -579,16 +579,24 @@ _COMPILED: dict[str, Any] = {}
 
 
 def _fused_update(
-    w: Tensor, g: Tensor, buf: Tensor | None, s: Tensor, y: int, couple: bool, nesterov: bool
+    w: Tensor,
+    g: Tensor,
+    buf: Tensor | None,
+    total: Tensor | None,
+    s: Tensor,
+    y: int,
+    nesterov: bool,
 ) -> None:
     """Coupling + weight decay + momentum + update in place, ``s = [K gamma, wd, lr, mom]``.
 
-    ``d = g + (K gamma + wd) w - (K gamma / y) sum_a w_a`` (or ``g + wd w``); ``buf <- mom buf
-    + d``; ``w <- w - lr (d + mom buf)`` (Nesterov) or ``w - lr buf``; ``g <- d``.
+    ``d = g + (K gamma + wd) w - (K gamma / y) total`` with ``total = sum_a w_a`` (or
+    ``d = g + wd w`` when ``total`` is None); ``buf <- mom buf + d``; ``w <- w - lr (d + mom buf)``
+    (Nesterov) or ``w - lr buf`` (or ``w - lr d`` without momentum); ``g <- d``. ``total`` is
+    computed outside so that the compiled kernel is a single elementwise pass.
     """
     kg, wd, lr, mom = s[0], s[1], s[2], s[3]
-    if couple:
-        d = g + (kg + wd) * w - (kg / y) * w.sum(0, keepdim=True)
+    if total is not None:
+        d = g + (kg + wd) * w - (kg / y) * total
     else:
         d = g + wd * w
     g.copy_(d)
@@ -608,7 +616,7 @@ def _compiled_update() -> Callable[..., None] | None:
         try:
             fn = torch.compile(_fused_update, dynamic=False, fullgraph=True)
             w, g = torch.ones(2, 4), torch.ones(2, 4)
-            fn(w, g, torch.zeros(2, 4), torch.tensor([1.0, 0.0, 0.5, 0.9]), 2, True, False)
+            fn(w, g, torch.zeros(2, 4), w.sum(0), torch.tensor([1.0, 0.0, 0.5, 0.9]), 2, False)
             _COMPILED["fn"] = fn
         except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available"
             logger.warning("torch.compile is not available (%s): using the eager kernels", exc)
@@ -916,7 +924,8 @@ class ReplicatedSGD(Optimizer):
                 [kg, group["weight_decay"], group["lr"], mom], dtype=w.dtype, device=w.device
             )
             buf = s["momentum_buffer"] if mom != 0.0 else None
-            fn(w.detach(), w.grad, buf, scal, len(self.replicas), couple, group["nesterov"])
+            total = w.sum(0, keepdim=True) if couple else None
+            fn(w.detach(), w.grad, buf, total, scal, len(self.replicas), group["nesterov"])
         return True
 
     def state_dict(self) -> dict[str, Any]:
