@@ -196,3 +196,44 @@ def test_submitit_local_equals_local_pool_and_resumes_after_a_killed_worker(tmp_
     forbid_training(monkeypatch)  # everything finished: nothing is submitted again
     again = compare(out, executor=ex, write=False, **kw)
     assert [r["test_error"] for r in again.runs] == [r["test_error"] for r in sub.runs]
+
+
+def test_every_preset_plans_a_valid_protocol_and_the_quick_start_stays_fixed():
+    from flatminima.studies._runs import MeasureSettings
+    from flatminima.studies.compare import plan_compare
+    from flatminima.studies.presets import list_presets, load_preset
+
+    for name in list_presets():
+        if name.startswith("study-"):
+            continue
+        preset = load_preset(name)
+        plan = plan_compare(
+            "unused",
+            preset,
+            optimizers=None,
+            seeds=None,
+            budget=None,
+            overrides={},
+            settings=MeasureSettings(),
+            large_batch=None,
+            margin=None,
+            tune=None,
+        )  # tuning spec, equal effort and seed disjointness are checked here
+        assert plan.margin == 0.003, name
+        if plan.tuning is not None:
+            assert len(plan.seeds) >= 10, name
+    quick = load_preset("fashion-quick")
+    plan = plan_compare(
+        "unused",
+        quick,
+        optimizers=None,
+        seeds=None,
+        budget=None,
+        overrides={},
+        settings=MeasureSettings(),
+        large_batch=None,
+        margin=None,
+        tune=None,
+    )
+    assert plan.tuning is None and "tune" in quick.study["provenance"]
+    assert set(plan.configs["epochs"]) == {"sgd", "esgd", "rsgd", "sam"}  # no extra runs

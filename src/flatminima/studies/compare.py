@@ -265,6 +265,7 @@ class ComparePlan:
     overrides: dict[str, Any]
     large_batch: bool
     tuning: dict[str, Any] | None
+    with_controls: bool = True
     configs: dict[str, dict[str, TrainConfig]] = field(default_factory=dict)
     controls: dict[str, dict[str, str]] = field(default_factory=dict)
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -352,6 +353,7 @@ def plan_compare(
         over,
         lb,
         _tuning_spec(study, tune),
+        bool(study.get("controls", True)),
     )
     plan.configs = {b: compare_configs(preset, arms, b, over, lb) for b in budgets}
     if plan.tuning is not None:
@@ -398,9 +400,10 @@ def _check_tuning(plan: ComparePlan) -> None:
 def _finish_configs(plan: ComparePlan) -> None:
     """Add the controls at equal epochs, and SGD's in-run local energy (matched training error).
 
-    At the ``epochs`` budget every multi-pass arm (rSGD: y passes, SAM: 2) gets SGD with the same
-    gradient evaluations (``sgd-compute-ARM``: the SGD arm's settings, ``epochs x passes``
-    epochs), and rSGD the large-batch control (batch ``y x B``).
+    At the ``epochs`` budget (unless the preset says ``controls: false``) every multi-pass
+    arm (rSGD: y passes, SAM: 2) gets SGD with the same gradient evaluations
+    (``sgd-compute-ARM``: the SGD arm's settings, ``epochs x passes`` epochs), and rSGD the
+    large-batch control (batch ``y x B``).
     """
     for b in plan.budgets:
         cfgs = plan.configs[b]
@@ -414,7 +417,7 @@ def _finish_configs(plan: ComparePlan) -> None:
                 flatness_draws=plan.settings.n_draws,
                 flatness_samples=plan.settings.n_samples,
             )
-        if b != "epochs" or "sgd" not in cfgs:
+        if b != "epochs" or "sgd" not in cfgs or not plan.with_controls:
             continue
         for arm in plan.arms:
             k = _passes(cfgs[arm])

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flatminima.train import TrainConfig, read_summary
+from flatminima.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,11 @@ RunItem = tuple[Path, TrainConfig]
 
 
 def run_finished(cfg: TrainConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (complete or diverged)."""
-    summary = read_summary(run_dir)
-    return bool(
-        summary
-        and summary.get("config") == cfg.numerics()
-        and summary.get("status") in ("complete", "diverged")
-    )
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (complete or diverged; the
+    one definition, :meth:`flatminima.train.run_folder.RunFolder.is_finished`)."""
+    from flatminima.train.run_folder import RunFolder
+
+    return RunFolder(run_dir).is_finished(cfg)
 
 
 def train_chunk(run_dirs: Sequence[str], configs: Sequence[dict[str, Any]], threads: int) -> int:
