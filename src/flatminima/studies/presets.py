@@ -29,18 +29,22 @@ finds them as well as a source checkout; see :func:`preset_dirs`).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import logging
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flatminima.train.config import OPTIMIZER_NAMES, TrainConfig
+from flatminima.train.config import (
+    OPTIMIZER_NAMES,
+    ConfigError,
+    TrainConfig,
+    check_key,
+    coerce,
+    load_yaml_file,
+    parse_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,18 +202,17 @@ class Preset:
 
 
 def _check_keys(mapping: dict[str, Any], where: str) -> None:
-    """Reject unknown keys; turn number-like strings of numeric fields into numbers in place
-    (YAML 1.1 reads ``1e-3`` as a string)."""
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(mapping) - valid)
-    if bad:
-        raise ValueError(
-            f"Unknown TrainConfig key(s) {bad} in {where}; valid keys: {', '.join(sorted(valid))}"
-        )
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in mapping.items():
-        if isinstance(value, str) and hints[key] is not str:
-            mapping[key] = parse_scalar(value)
+    """Reject unknown keys and convert every value in place with the one converter of its key
+    (:func:`flatminima.train.config.coerce`; YAML 1.1 reads ``1e-3`` as a string).
+
+    Raises:
+        ConfigError: an unknown key or a bad value; the message says where (file, section).
+    """
+    try:
+        for key, value in mapping.items():
+            mapping[key] = coerce(check_key(key), value)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {where})") from None
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -220,8 +223,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         ValueError: the file is not a valid preset (see :meth:`Preset.from_dict`).
     """
     path = find_preset(name_or_path)
-    with path.open() as fh:
-        values = yaml.safe_load(fh) or {}
+    values = load_yaml_file(path) or {}
     preset = Preset.from_dict(values, source=str(path))
     log.info("loaded preset %s (%d arms)", path, len(preset.arms))
     return preset
@@ -270,14 +272,18 @@ def arm_config(
 
 def parse_scalar(text: str) -> Any:
     """Parse one value: an int, a float (``1e-3`` included, which YAML 1.1 reads as a string),
-    else like YAML (booleans, ``null``, strings)."""
+    else like YAML (booleans, ``null``, strings); a YAML error is a one-line ``ConfigError``.
+
+    Example:
+        >>> parse_scalar("3"), parse_scalar("1e-3"), parse_scalar("true"), parse_scalar("cnn")
+        (3, 0.001, True, 'cnn')
+    """
     text = text.strip()
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    return parse_value(text)
 
 
 def parse_grid(spec: str | dict[str, Any]) -> dict[str, list[Any]]:
@@ -308,13 +314,12 @@ def parse_grid(spec: str | dict[str, Any]) -> dict[str, list[Any]]:
         raise ValueError(f"Invalid grid {spec!r}: expected 'KEY=V1,V2;KEY2=...' or a mapping")
     if not grid:
         raise ValueError(f"Empty grid {spec!r}: give at least one KEY=V1,V2,... item")
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, vals in grid.items():
-        if key not in valid:
-            raise ValueError(
-                f"Invalid grid key {key!r}: not a TrainConfig key; valid keys: "
-                f"{', '.join(sorted(valid))}"
-            )
+        try:
+            check_key(key)
+        except ConfigError as err:
+            raise ConfigError(f"Invalid grid key {key!r}: {err}") from None
         if not vals:
             raise ValueError(f"Grid key {key!r} has no values")
+        grid[key] = [coerce(key, v) for v in vals]
     return grid
