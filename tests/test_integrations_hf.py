@@ -77,7 +77,6 @@ def args(tmp_path, batch: int = B, **kw) -> TrainingArguments:
         logging_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        remove_unused_columns=False,
         **kw,
     )
 

@@ -24,6 +24,7 @@ state, so resuming is exact).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -33,6 +34,7 @@ from torch.optim import Optimizer
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.utils import find_labels
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "flatminima.integrations.hf needs transformers and accelerate: "
@@ -139,9 +141,11 @@ class FlatMinimaTrainer(Trainer):
     """``transformers.Trainer`` that runs flatminima optimizers correctly (see the module doc).
 
     Pass the optimizer as ``optimizers=(opt, None)`` (or ``(opt, lr_scheduler)``); a plain torch
-    optimizer trains exactly as in the base Trainer. A
-    :class:`~flatminima.optim.ReplicatedModule` model gets no ``num_items_in_batch`` keyword (its
-    replicas compute their own minibatch-mean losses).
+    optimizer trains exactly as in the base Trainer. For a
+    :class:`~flatminima.optim.ReplicatedModule` model the label names and dataset columns are read
+    off a replica's ``forward`` (the wrapper's is ``*args, **kwargs``), and no
+    ``num_items_in_batch`` keyword is passed (the replicas compute their own minibatch-mean
+    losses).
 
     Raises (from :meth:`create_optimizer`, when training starts):
         ValueError: Entropy-SGD without ``one_batch_per_step``; ReplicatedSGD whose buffers went
@@ -152,7 +156,15 @@ class FlatMinimaTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(self.model, ReplicatedModule):
-            self.model_accepts_loss_kwargs = False
+            self._inspect_replica(self.model.replicas[0])
+
+    def _inspect_replica(self, replica: nn.Module) -> None:
+        """Read labels and input columns off a replica (the wrapper's forward is ``*args``)."""
+        self.model_accepts_loss_kwargs = False
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(replica))
+        columns = list(inspect.signature(replica.forward).parameters)
+        self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names})
 
     def _sam(self) -> SAM | None:
         inner = unwrap_optimizer(self.optimizer)
