@@ -12,6 +12,12 @@ sam     ``SAM``                                 required         no        2
 "required" means ``step(closure)`` must be used (or the phase API: ``inner_step``/``outer_step``
 for Entropy-SGD, ``first_step``/``second_step`` for SAM). Every flatminima optimizer counts
 gradient evaluations in ``grad_evals`` (saved in its ``state_dict``).
+
+Without a closure (a plain ``loss.backward(); opt.step()`` loop, Lightning, the Hugging Face
+Trainer): ``EntropySGD(..., one_batch_per_step=True)`` makes every ``step()`` one Langevin step on
+the current minibatch (the outer update every ``inner_steps``-th call); SAM runs the two-call
+protocol (``first_step(zero_grad=True)`` / ``second_step(zero_grad=True)``). EntropySGD's outer
+step may use any base optimizer (``base_optimizer=torch.optim.AdamW``), as SAM's does.
 """
 
 from flatminima.optim.entropy_sgd import EntropySGD

@@ -499,9 +499,11 @@ class EntropySGD(Optimizer):
             if not params:
                 continue
             states = [self.state[p] for p in params]
-            # G = gamma * (x - mu) = -gamma * (mu - x)
+            # G = gamma * (x - mu) = -gamma * (mu - x), computed in place: the mu offsets are
+            # scratch from here on (zeroed when the next cycle opens)
             g_scale = -group["gamma"] if group["scale_by_gamma"] else -1.0
-            grads = torch._foreach_mul([s["mu_offset"] for s in states], g_scale)
+            grads = [s["mu_offset"] for s in states]
+            torch._foreach_mul_(grads, g_scale)
             torch._foreach_copy_(params, [s["anchor"] for s in states])
             if self.base_optimizer is None:
                 self._sgd_outer_(group, params, list(grads), states)
