@@ -213,3 +213,37 @@ def test_state_dict_round_trip():
     other.eval()
     assert torch.equal(net(x[0]), other(x[0]))
     assert torch.equal(net(x[0]), net.center()(x[0]))
+
+
+def test_hugging_face_model_output():
+    """A tiny local transformers model (no download): ModelOutput combined, losses summed."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+    def make():
+        return transformers.BertForSequenceClassification(cfg).double()
+
+    y, b = 2, 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (y * b, 6), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 3, (y * b,), generator=g)
+    net = ReplicatedModule(make, y, seed=0)
+    singles = [copy.deepcopy(r) for r in net.replicas]
+    out = net(input_ids=ids, attention_mask=mask, labels=labels)
+    assert type(out).__name__ == "SequenceClassifierOutput" and out.logits.shape == (y * b, 3)
+    parts = [
+        m(input_ids=i, attention_mask=k, labels=lab)
+        for m, i, k, lab in zip(singles, ids.chunk(y), mask.chunk(y), labels.chunk(y))
+    ]
+    assert torch.allclose(out.loss, parts[0].loss + parts[1].loss, rtol=1e-12, atol=0)
+    out.loss.backward()
+    for p in parts:
+        p.loss.backward()
+    for a in range(y):
+        for p, q in zip(net.replicas[a].parameters(), singles[a].parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-14)

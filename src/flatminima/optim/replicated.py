@@ -653,10 +653,9 @@ class ReplicatedSGD(Optimizer):
     Param groups are given over ONE replica's parameters and apply to the same slots of every
     replica, e.g. no weight decay on biases::
 
-        reps0 = replicas[0].named_parameters()
-        groups = [{"params": [p for n, p in reps0 if n.endswith("bias")], "weight_decay": 0.0},
-                  {"params": [p for n, p in replicas[0].named_parameters()
-                              if not n.endswith("bias")]}]
+        named = list(replicas[0].named_parameters())
+        groups = [{"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+                  {"params": [p for n, p in named if not n.endswith("bias")]}]
 
     They must cover every trainable parameter once; the :class:`Replicas` flat buffers are then
     laid out with one ``[y, N_i]`` buffer per group (:meth:`Replicas.regroup`), and
@@ -699,6 +698,12 @@ class ReplicatedSGD(Optimizer):
         ...                       base_kwargs={"weight_decay": 0.01})
         >>> type(adamw.base).__name__, len(adamw.param_groups)
         ('AdamW', 1)
+        >>> named = list(reps[0].named_parameters())
+        >>> groups = [{"params": [p for n, p in named if n == "bias"], "weight_decay": 0.0},
+        ...           {"params": [p for n, p in named if n != "bias"]}]
+        >>> opt = ReplicatedSGD(reps, lr=0.1, weight_decay=1e-4, gamma=1e-3, param_groups=groups)
+        >>> [tuple(g["params"][0].shape) for g in opt.param_groups]  # one [y, N_i] per group
+        [(3, 2), (3, 8)]
     """
 
     def __init__(
