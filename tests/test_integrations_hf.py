@@ -9,6 +9,8 @@ same float operations in the same order and the weights must be equal (``torch.e
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -136,6 +139,12 @@ def test_esgd_one_batch_per_step_matches_plain_loop(tmp_path):
     assert not torch.equal(anchor, model.body[0].weight)
     assert_same(model, ref)
 
+    # save_model() by the user exports the anchor too; training state untouched
+    trainer.save_model(str(tmp_path / "export"))
+    saved = safetensors_torch.load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert torch.equal(saved["body.0.weight"], anchor)
+    assert_same(model, ref)
+
 
 def test_esgd_closure_form_is_refused(tmp_path):
     x, y = make_data(2 * B)
@@ -209,3 +218,21 @@ def test_rsgd_replicated_module_matches_plain_loop(tmp_path):
     assert [r.calls for r in model.replicas] == [n] * y_rep
     assert opt.grad_evals == y_rep * n
     assert opt.param_groups[0]["gamma"] == pytest.approx(0.05 * 1.2**n, rel=1e-12)
+
+
+def test_gamma_callback_catches_up_with_a_resumed_run():
+    model = ReplicatedModule(make_net, 2, seed=0)
+    opt = ReplicatedSGD(model.replicas, lr=0.1, gamma=0.05)
+    cb = GammaCallback(ExponentialGamma(opt, 0.05, gamma1=1.0))
+    cb.on_train_begin(None, types.SimpleNamespace(global_step=3), None)
+    assert cb.gamma_scheduler.last_step == 3 and opt.param_groups[0]["gamma"] == 0.05 * 2**3
+    net = make_net()
+    esgd_opt = esgd(net.parameters())
+    cb = GammaCallback(ExponentialGamma(esgd_opt, 0.05, gamma1=1.0))
+    x, y = make_data(6 * B)
+    plain_loop(net, esgd_opt, x, y)  # 2 outer steps, as in a checkpoint loaded to resume
+    assert esgd_opt.outer_steps == 2 and cb.gamma_scheduler.last_step == 0
+    cb.on_train_begin(None, types.SimpleNamespace(global_step=7), None)
+    assert cb.gamma_scheduler.last_step == 2
+    with pytest.raises(TypeError, match="GammaScheduler"):
+        GammaCallback(torch.optim.lr_scheduler.StepLR(opt, 1))

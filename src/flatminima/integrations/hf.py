@@ -250,6 +250,15 @@ class GammaCallback(TrainerCallback):
         self.gamma_scheduler = gamma_scheduler
         self.unit = _resolve_unit(gamma_scheduler, unit)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Catch up with a resumed run: the schedule's step becomes the Trainer's global step
+        (``"step"``) or the optimizer's loaded ``outer_steps`` (``"outer"``)."""
+        if self.unit == "outer":
+            advance_gamma(self.gamma_scheduler, "outer")
+            return
+        while self.gamma_scheduler.last_step < state.global_step:
+            self.gamma_scheduler.step()
+
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Advance the schedule (right after ``optimizer.step()``)."""
         advance_gamma(self.gamma_scheduler, self.unit)
