@@ -59,7 +59,19 @@ __all__ = [
     "rank_correlation",
 ]
 
-_GRID_KEYS = ("description", "base", "grid", "max_runs", "sample", "seed", "measure", "n_boot")
+_GRID_KEYS = (
+    "description",
+    "base",
+    "grid",
+    "max_runs",
+    "sample",
+    "seed",
+    "measure",
+    "n_boot",
+    "preregistered",
+)
+_PREREG_KEYS = ("measures", "sigmas", "targets", "did_not_train", "interval")
+_PREREG_MEASURES = ("local_energy_error", "local_energy_loss", "hessian_trace", "neg_free_entropy")
 _MEASURE_KEYS = (
     "sigmas",
     "n_draws",
@@ -140,20 +152,31 @@ def spearman_rho_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def rank_correlation(
-    x: Sequence[float], y: Sequence[float], *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
 ) -> CorrelationResult:
     """Kendall tau-b and Spearman rho between ``x`` and ``y`` with bootstrap intervals.
 
     Args:
         x, y: paired samples (NaN pairs are dropped).
         n_boot: bootstrap resamples (0: no interval, NaN bounds).
-        ci: confidence level of the percentile interval, in (0, 1).
+        ci: confidence level of the interval, in (0, 1).
         seed: seed of the resampling generator.
+        method: ``"percentile"`` (quantiles of the resampled statistic) or ``"bca"``
+            (bias-corrected and accelerated, :func:`scipy.stats.bootstrap` around the
+            vectorised statistics; NaN bounds when the resamples are degenerate).
 
     Raises:
-        ValueError: different lengths, fewer than 3 valid pairs, ``ci`` outside (0, 1) or
-            ``n_boot < 0``.
+        ValueError: different lengths, fewer than 3 valid pairs, ``ci`` outside (0, 1),
+            ``n_boot < 0`` or an unknown ``method``.
     """
+    if method not in ("percentile", "bca"):
+        raise ValueError(f"Invalid interval method {method!r}; valid: percentile, bca")
     from scipy import stats
 
     if len(x) != len(y):
@@ -170,6 +193,16 @@ def rank_correlation(
         raise ValueError(f"Need at least 3 finite pairs for a rank correlation, got {n}")
     tau, tau_p = stats.kendalltau(xa, ya)
     rho, rho_p = stats.spearmanr(xa, ya)
+    if method == "bca":
+        return CorrelationResult(
+            n,
+            float(tau),
+            float(tau_p),
+            bca_interval(xa, ya, kendall_tau_b_rows, n_boot, ci, seed),
+            float(rho),
+            float(rho_p),
+            bca_interval(xa, ya, spearman_rho_rows, n_boot, ci, seed),
+        )
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     # resamples where a variable is constant have no rank correlation: dropped
@@ -188,6 +221,40 @@ def rank_correlation(
     return CorrelationResult(
         n, float(tau), float(tau_p), interval(taus), float(rho), float(rho_p), interval(rhos)
     )
+
+
+def bca_interval(
+    x: np.ndarray, y: np.ndarray, rows: Any, n_boot: int, ci: float, seed: int
+) -> tuple[float, float]:
+    """BCa bootstrap interval of a paired row statistic (``rows(x[B, n], y[B, n]) -> [B]``)
+    by :func:`scipy.stats.bootstrap` (``paired=True``, ``method="BCa"``); NaN bounds for
+    ``n_boot = 0`` or degenerate resamples."""
+    import warnings
+
+    from scipy import stats
+
+    if n_boot == 0:
+        return (math.nan, math.nan)
+
+    def statistic(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        a, b = np.moveaxis(a, axis, -1), np.moveaxis(b, axis, -1)
+        flat = rows(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+        return np.asarray(flat).reshape(a.shape[:-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resamples: NaN bounds, reported as such
+        res = stats.bootstrap(
+            (x, y),
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=n_boot,
+            confidence_level=ci,
+            method="BCa",
+            random_state=seed,
+        )
+    lo, hi = res.confidence_interval
+    return (float(lo), float(hi))
 
 
 def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -230,7 +297,46 @@ def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
         v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"Invalid {key} {v!r} in {where}: must be an integer >= 1")
-    return {**values, "base": base, "grid": grid, "measure": measure}
+    prereg = _check_prereg(values.get("preregistered"), measure, where)
+    return {**values, "base": base, "grid": grid, "measure": measure, "preregistered": prereg}
+
+
+def _check_prereg(pre: Any, measure: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """Validate the pre-registration (fixed before the run; see :func:`correlation_study`)."""
+    if pre is None:
+        return None
+    if not isinstance(pre, Mapping):
+        raise ValueError(f"Invalid preregistered {pre!r} in {where}: a mapping")
+    bad = sorted(set(pre) - set(_PREREG_KEYS))
+    if bad:
+        raise ValueError(f"Unknown preregistered key(s) {bad} in {where}; valid: {_PREREG_KEYS}")
+    out = {
+        "measures": list(pre.get("measures", _PREREG_MEASURES)),
+        "sigmas": [float(s) for s in pre.get("sigmas", measure.get("sigmas", []))],
+        "targets": list(pre.get("targets", TARGETS)),
+        "did_not_train": float(pre.get("did_not_train", 1.0)),
+        "interval": str(pre.get("interval", "bca")).lower(),
+    }
+    bad = [m for m in out["measures"] if m not in _PREREG_MEASURES]
+    bad += [t for t in out["targets"] if t not in TARGETS]
+    if bad:
+        raise ValueError(
+            f"Invalid preregistered measure/target {bad} in {where}; measures: "
+            f"{', '.join(_PREREG_MEASURES)}; targets: {', '.join(TARGETS)}"
+        )
+    measured = [float(s) for s in measure.get("sigmas", [0.05, 0.1, 0.2, 0.3, 0.5])]
+    if sorted(out["sigmas"]) != sorted(measured):
+        raise ValueError(
+            f"Preregistered sigmas {out['sigmas']} in {where} differ from measure.sigmas "
+            f"{measured}: every measured sigma is reported"
+        )
+    if not 0 < out["did_not_train"] <= 1:
+        raise ValueError(
+            f"Invalid did_not_train {out['did_not_train']!r} in {where}: a training error in (0, 1]"
+        )
+    if out["interval"] not in ("bca", "percentile"):
+        raise ValueError(f"Invalid interval {out['interval']!r} in {where}: bca or percentile")
+    return out
 
 
 def study_points(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -259,6 +365,124 @@ def _check_free_entropy_options(opts: Mapping[str, Any]) -> None:
         raise ValueError(f"Unknown free_entropy_options {bad}; valid: {', '.join(valid)}")
 
 
+def _exclude(
+    records: list[dict[str, Any]], prereg: Mapping[str, Any] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split off the networks that did not train (final training error above the
+    pre-registered ``did_not_train``); they are listed in the report, never correlated."""
+    if prereg is None:
+        return records, []
+    limit = prereg["did_not_train"]
+    bad = [r for r in records if r["train_error"] is not None and r["train_error"] > limit]
+    for r in bad:
+        log.info(
+            "network %s did not train (train error %.3f > %g)",
+            r["run_dir"],
+            r["train_error"],
+            limit,
+        )
+    return [r for r in records if r not in bad], bad
+
+
+def _variants(measures: list[str], prereg: Mapping[str, Any] | None) -> list[str]:
+    """The measure columns to report: with a pre-registration every pre-registered measure at
+    every pre-registered sigma (error- and loss-based), else every measured column."""
+    if prereg is None:
+        return measures
+    out = []
+    for m in prereg["measures"]:
+        if m.startswith("local_energy_"):
+            out += [f"{m}_s{s:g}" for s in prereg["sigmas"] if f"{m}_s{s:g}" in measures]
+        elif m in measures:
+            out.append(m)
+    return out
+
+
+def _correlate(
+    records: list[dict[str, Any]],
+    measures: list[str],
+    prereg: Mapping[str, Any] | None,
+    n_boot: int,
+) -> list[dict[str, Any]]:
+    """Every variant x target (Holm-adjusted Kendall p over them), then -Phi against the rest."""
+    from flatminima.studies.stats import holm
+
+    if len(records) < 3:
+        log.warning("only %d networks: at least 3 are needed for rank correlations", len(records))
+        return []
+    method = prereg["interval"] if prereg else "percentile"
+    targets = prereg["targets"] if prereg else list(TARGETS)
+    rows = []
+    for m in _variants(measures, prereg):
+        for t in targets:
+            xs = [r.get(m, math.nan) for r in records]
+            try:
+                c = rank_correlation(xs, [r[t] for r in records], n_boot=n_boot, method=method)
+            except ValueError as exc:
+                log.warning("no correlation of %s with %s: %s", m, t, exc)
+                continue
+            rows.append({"measure": m, "target": t, **c.to_row(), "interval": method})
+    for r, p in zip(rows, holm([r["kendall_p"] for r in rows])):
+        r["kendall_p_holm"] = p
+    if "neg_free_entropy" in measures:
+        phi = [r.get("neg_free_entropy", math.nan) for r in records]
+        for m in measures:
+            if m == "neg_free_entropy":
+                continue
+            try:
+                c = rank_correlation(phi, [r.get(m, math.nan) for r in records], n_boot=n_boot)
+            except ValueError:
+                continue
+            rows.append({"measure": "neg_free_entropy", "target": m, **c.to_row()})
+    return rows
+
+
+def _network_record(
+    i: int,
+    point: Mapping[str, Any],
+    cfg: TrainConfig,
+    run_dir: Path,
+    data: DataCache,
+    base: MeasureSettings,
+    fe: tuple[Any, int, dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Measure one trained network (``None`` if it diverged: left out of the correlations)."""
+    from flatminima.models import build_model, count_parameters
+
+    summary = train_run(cfg, run_dir, data)  # trained by the executor: read back here
+    if summary.get("status") != "complete":
+        log.warning("network %s diverged; left out of the correlations", run_dir)
+        return None
+    splits = data.get(cfg)
+    n_params = count_parameters(
+        build_model(cfg.model, splits.input_shape, splits.num_classes, **cfg.model_kwargs)
+    )
+    fe_mode, fe_max, fe_opts = fe
+    use_fe = fe_mode is True or (fe_mode == "auto" and n_params <= fe_max)
+    settings = MeasureSettings(**{**base.__dict__, "free_entropy": fe_opts if use_fe else None})
+    meas = measure_run(cfg, run_dir, data, settings)
+    final = summary.get("final", {})
+    rec: dict[str, Any] = {
+        "run": i,
+        "run_dir": str(run_dir),
+        "optimizer": cfg.optimizer,
+        **point,
+        "n_params": n_params,
+        "test_error": final.get("test_error"),
+        "train_error": final.get("train_error"),
+    }
+    rec["gen_gap"] = rec["test_error"] - rec["train_error"]
+    le = meas["local_energy"]
+    for s, de, dl in zip(le["sigmas"], le["delta_error"], le["delta_loss"]):
+        rec[f"local_energy_error_s{s:g}"] = de
+        rec[f"local_energy_loss_s{s:g}"] = dl
+    if "hessian_trace" in meas:
+        rec["hessian_trace"] = meas["hessian_trace"]["estimate"]
+    if "free_entropy" in meas:
+        rec["neg_free_entropy"] = -meas["free_entropy"]["estimate"]
+    return rec
+
+
 def _slug(point: Mapping[str, Any]) -> str:
     text = "-".join(f"{k}={v}" for k, v in point.items())
     return "".join(c if c.isalnum() or c in "=.-_" else "_" for c in text)[:80]
@@ -284,6 +508,7 @@ def correlation_study(
     n_boot: int | None = None,
     progress: bool = False,
     write: bool = True,
+    executor: Any = None,
 ) -> StudyResult:
     """Train every grid point, measure flatness, and correlate it with generalization.
 
@@ -298,6 +523,8 @@ def correlation_study(
         n_boot: bootstrap resamples (default: the grid's ``n_boot`` or 1000).
         progress: tqdm bar over networks.
         write: write report.md, CSVs and PNGs.
+        executor: where the networks train (:mod:`flatminima.studies.executors`; default:
+            this process); measurements are made here afterwards.
 
     Returns:
         A :class:`StudyResult`.
@@ -306,8 +533,6 @@ def correlation_study(
         ValueError: a bad grid or config value (before training starts).
         FileNotFoundError: the grid file does not exist.
     """
-    from flatminima.models import build_model, count_parameters
-
     spec = load_study_grid(grid)
     points = study_points(spec)
     over = dict(overrides or {})
@@ -329,90 +554,29 @@ def correlation_study(
     base_settings.validate()
     n_boot = int(spec.get("n_boot", 1000) if n_boot is None else n_boot)
     out = Path(out_dir)
-    data = DataCache()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    dirs = [out / "runs" / f"{i:03d}-{_slug(p)}" for i, p in enumerate(points)]
+    if executor is None:
+        from flatminima.studies.executors import SerialExecutor
 
-        bar = tqdm(total=len(points), unit="run", desc="study")
+        executor = SerialExecutor()
+    executor.run(list(zip(dirs, configs)), progress=progress)
+    data = DataCache()
+    fe = (fe_mode, fe_max, fe_opts)
     records: list[dict[str, Any]] = []
     diverged: list[str] = []
-    try:
-        for i, (point, cfg) in enumerate(zip(points, configs)):
-            run_dir = out / "runs" / f"{i:03d}-{_slug(point)}"
-            summary = train_run(cfg, run_dir, data)
-            if summary.get("status") != "complete":
-                log.warning("network %s diverged; left out of the correlations", run_dir)
-                diverged.append(str(run_dir))
-                if bar is not None:
-                    bar.update(1)
-                continue
-            splits = data.get(cfg)
-            n_params = count_parameters(
-                build_model(cfg.model, splits.input_shape, splits.num_classes, **cfg.model_kwargs)
-            )
-            use_fe = fe_mode is True or (fe_mode == "auto" and n_params <= fe_max)
-            settings = MeasureSettings(
-                **{**base_settings.__dict__, "free_entropy": fe_opts if use_fe else None}
-            )
-            meas = measure_run(cfg, run_dir, data, settings)
-            final = summary.get("final", {})
-            rec: dict[str, Any] = {
-                "run": i,
-                "run_dir": str(run_dir),
-                "optimizer": cfg.optimizer,
-                **point,
-                "n_params": n_params,
-                "test_error": final.get("test_error"),
-                "train_error": final.get("train_error"),
-            }
-            rec["gen_gap"] = rec["test_error"] - rec["train_error"]
-            le = meas["local_energy"]
-            for s, de, dl in zip(le["sigmas"], le["delta_error"], le["delta_loss"]):
-                rec[f"local_energy_error_s{s:g}"] = de
-                rec[f"local_energy_loss_s{s:g}"] = dl
-            if "hessian_trace" in meas:
-                rec["hessian_trace"] = meas["hessian_trace"]["estimate"]
-            if "free_entropy" in meas:
-                rec["neg_free_entropy"] = -meas["free_entropy"]["estimate"]
+    for i, (point, cfg, run_dir) in enumerate(zip(points, configs, dirs)):
+        rec = _network_record(i, point, cfg, run_dir, data, base_settings, fe)
+        if rec is None:
+            diverged.append(str(run_dir))
+        else:
             records.append(rec)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
     if not records:
         raise RuntimeError(f"All {len(points)} networks diverged; lower the learning rates")
     measures = [k for k in records[0] if k.startswith("local_energy_")]
     measures += [k for k in ("hessian_trace", "neg_free_entropy") if any(k in r for r in records)]
-    correlations = []
-    if len(records) >= 3:
-        for meas_key in measures:
-            for target in TARGETS:
-                xs = [r.get(meas_key, math.nan) for r in records]
-                ys = [r[target] for r in records]
-                try:
-                    c = rank_correlation(xs, ys, n_boot=n_boot, seed=0)
-                except ValueError as exc:
-                    log.warning("no correlation of %s with %s: %s", meas_key, target, exc)
-                    continue
-                correlations.append({"measure": meas_key, "target": target, **c.to_row()})
-        if "neg_free_entropy" in measures:
-            for meas_key in measures:
-                if meas_key == "neg_free_entropy":
-                    continue
-                xs = [r.get("neg_free_entropy", math.nan) for r in records]
-                try:
-                    c = rank_correlation(
-                        xs, [r.get(meas_key, math.nan) for r in records], n_boot=n_boot, seed=0
-                    )
-                except ValueError:
-                    continue
-                correlations.append(
-                    {"measure": "neg_free_entropy", "target": meas_key, **c.to_row()}
-                )
-    else:
-        log.warning("only %d networks: at least 3 are needed for rank correlations", len(records))
+    prereg = spec.get("preregistered")
+    kept, excluded = _exclude(records, prereg)
+    correlations = _correlate(kept, measures, prereg, n_boot)
     settings = {
         "grid": spec["grid"],
         "base": spec["base"],
@@ -427,6 +591,9 @@ def correlation_study(
             "free_entropy_max_params": fe_max,
         },
         "description": spec.get("description", ""),
+        "preregistered": prereg,
+        "excluded": excluded,
+        "n_variants": sum(c["target"] in TARGETS for c in correlations),
     }
     result = StudyResult(records, correlations, measures, out, settings)
     if write:

@@ -387,6 +387,39 @@ def measure_label(key: str) -> str:
     }.get(key, key)
 
 
+def _prereg_lines(s: dict[str, Any]) -> list[str]:
+    pre = s.get("preregistered")
+    if not pre:
+        return ["- No pre-registration in the grid file: every measured variant is shown."]
+    n = s.get("n_variants", 0)
+    return [
+        f"- Pre-registered in the grid file before the run: measures {pre['measures']}, "
+        f"sigmas {pre['sigmas']}, targets {pre['targets']}, networks with a final training "
+        f"error above {pre['did_not_train']:g} did not train and are excluded.",
+        f"- Multiplicity: {n} variants (measure x sigma x target) are tested, all shown; at "
+        f"the 5% level about {0.05 * n:.1f} of them would exclude 0 by chance if no measure "
+        "correlated. `kendall_p_holm`: Holm-adjusted over the variants.",
+    ]
+
+
+def _excluded_lines(s: dict[str, Any]) -> list[str]:
+    exc = s.get("excluded") or []
+    if not s.get("preregistered"):
+        return []
+    if not exc:
+        return ["No network was excluded (every one trained).", ""]
+    rows = [
+        {k: r.get(k) for k in ("run", "optimizer", *s["grid"], "train_error", "test_error")}
+        for r in exc
+    ]
+    return [
+        f"## Excluded networks ({len(exc)}: did not train)",
+        "",
+        format_table(rows, markdown=True),
+        "",
+    ]
+
+
 def write_study_report(result: StudyResult) -> dict[str, str]:
     """Write ``report.md``, ``networks.csv``, ``correlations.csv``, ``study.json`` and one
     scatter PNG per flatness measure (``scatter_MEASURE.png``) into ``result.out_dir``."""
@@ -434,6 +467,7 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
         "tau_ci_low",
         "tau_ci_high",
         "kendall_p",
+        "kendall_p_holm",
         "spearman_rho",
         "rho_ci_low",
         "rho_ci_high",
@@ -451,13 +485,16 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
         "multiplicative weight noise), Hessian trace, and -Φ (minus the local free entropy) "
         "for small networks. Measured on a fixed training subset of "
         f"{s['measure']['n_samples']} samples.",
-        f"- Kendall τ-b and Spearman ρ with scipy p-values and percentile bootstrap 95% "
-        f"intervals ({s['n_boot']} resamples of the networks).",
+        f"- Kendall τ-b and Spearman ρ with scipy p-values and "
+        f"{'BCa' if (s.get('preregistered') or {}).get('interval') == 'bca' else 'percentile'}"
+        f" bootstrap 95% intervals ({s['n_boot']} resamples of the networks).",
+        *_prereg_lines(s),
         "",
         "## Correlation with test error and generalization gap",
         "",
         format_table(main, cols, markdown=True) if main else "(fewer than 3 networks)",
         "",
+        *_excluded_lines(s),
     ]
     if cross:
         lines += [
