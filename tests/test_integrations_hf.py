@@ -236,3 +236,12 @@ def test_gamma_callback_catches_up_with_a_resumed_run():
     assert cb.gamma_scheduler.last_step == 2
     with pytest.raises(TypeError, match="GammaScheduler"):
         GammaCallback(torch.optim.lr_scheduler.StepLR(opt, 1))
+
+
+def test_doctests():
+    import doctest
+
+    import flatminima.integrations.hf as hf
+
+    result = doctest.testmod(hf)
+    assert result.failed == 0 and result.attempted > 0

@@ -271,3 +271,12 @@ def test_gamma_lr_is_accepted_where_a_plain_gamma_scheduler_is_not():
     )
     with pytest.raises(Exception, match="LRScheduler"):
         fit(bad, x, y)
+
+
+def test_doctests():
+    import doctest
+
+    import flatminima.integrations.lightning as integration
+
+    result = doctest.testmod(integration)
+    assert result.failed == 0 and result.attempted > 0
