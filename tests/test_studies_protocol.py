@@ -237,3 +237,44 @@ def test_every_preset_plans_a_valid_protocol_and_the_quick_start_stays_fixed():
     )
     assert plan.tuning is None and "tune" in quick.study["provenance"]
     assert set(plan.configs["epochs"]) == {"sgd", "esgd", "rsgd", "sam"}  # no extra runs
+
+
+def test_cli_no_tune_skips_the_tuning_spec_and_takes_an_executor(tmp_path, capsys):
+    import yaml
+
+    from flatminima.cli import main
+
+    study = {"tuning": {"seeds": 3, "space": {"sgd": {"lr": [0.05, 0.1]}}}, "margin": 0.01}
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(yaml.safe_dump(digits_preset(study).to_dict()))
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--preset-file",
+        str(preset_file),
+        "--optimizers",
+        "sgd",
+        "--seeds",
+        "1",
+        "--sigmas",
+        "0.5",
+        "--flatness-draws",
+        "1",
+        "--flatness-samples",
+        "100",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--executor",
+        "serial",
+        "--no-tune",
+    ]
+    assert main(args) == 0
+    assert not (out / "tuning").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["tuned"] is False and saved["settings"]["margin"] == 0.01
+    assert saved["settings"]["executor"] == {"name": "serial"}
+    assert "not tuned by this run" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args[:-3], "--executor", "ray"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -121,6 +121,12 @@ def _executor(args: argparse.Namespace) -> Any:
 
 def register(subparsers: Any) -> None:
     """Add the ``compare``, ``tune`` and ``study`` subcommands."""
+    _register_compare(subparsers)
+    _register_tune(subparsers)
+    _register_study(subparsers)
+
+
+def _register_compare(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "compare",
         help="compare optimizers over paired seeds at equal budget, with flatness",
@@ -167,6 +173,8 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_compare)
 
+
+def _register_tune(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "tune",
         help="grid-search one optimizer on a validation split",
@@ -189,6 +197,8 @@ def register(subparsers: Any) -> None:
     _add_executor(p)
     p.set_defaults(func=run_tune)
 
+
+def _register_study(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "study",
         help="correlate flatness measures with generalization over a grid of networks",
@@ -218,6 +228,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_executor(p)
     p.set_defaults(func=run_study)
 
 
@@ -294,6 +305,7 @@ def run_study(args: argparse.Namespace) -> int:
         free_entropy=args.free_entropy,
         n_boot=args.n_boot,
         progress=args.progress,
+        executor=_executor(args),
     )
     print(
         format_table(

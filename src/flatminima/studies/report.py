@@ -420,44 +420,10 @@ def _excluded_lines(s: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_study_report(result: StudyResult) -> dict[str, str]:
-    """Write ``report.md``, ``networks.csv``, ``correlations.csv``, ``study.json`` and one
-    scatter PNG per flatness measure (``scatter_MEASURE.png``) into ``result.out_dir``."""
+def _study_lines(result: StudyResult, images: list[tuple[str, str]]) -> list[str]:
+    """The Markdown lines of a study report."""
     from flatminima.studies.correlation import TARGETS
-    from flatminima.studies.plots import plot_scatter
 
-    out = result.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "networks_csv": str(write_csv(result.records, out / "networks.csv")),
-        "correlations_csv": str(write_csv(result.correlations, out / "correlations.csv")),
-    }
-    labels = {k: measure_label(k) for k in [*result.measures, *TARGETS]}
-    images = []
-    for m in result.measures:
-        pts = [r for r in result.records if m in r]
-        if not pts:
-            continue
-        stats = {
-            c["target"]: f"Kendall τ = {c['kendall_tau']:.2f} "
-            f"[{c['tau_ci_low']:.2f}, {c['tau_ci_high']:.2f}]"
-            for c in result.correlations
-            if c["measure"] == m and c["target"] in TARGETS
-        }
-        name = f"scatter_{m}.png"
-        plot_scatter(pts, m, list(TARGETS), out / name, labels=labels, stats=stats)
-        files[name] = str(out / name)
-        images.append((m, name))
-    write_json(
-        {
-            "records": result.records,
-            "correlations": result.correlations,
-            "measures": result.measures,
-            "settings": result.settings,
-            "files": files,
-        },
-        out / "study.json",
-    )
     s = result.settings
     cols = [
         "measure",
@@ -514,6 +480,48 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
         "correlations: `correlations.csv`; everything: `study.json`.",
         "",
     ]
+    return lines
+
+
+def write_study_report(result: StudyResult) -> dict[str, str]:
+    """Write ``report.md``, ``networks.csv``, ``correlations.csv``, ``study.json`` and one
+    scatter PNG per flatness measure (``scatter_MEASURE.png``) into ``result.out_dir``."""
+    from flatminima.studies.correlation import TARGETS
+    from flatminima.studies.plots import plot_scatter
+
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "networks_csv": str(write_csv(result.records, out / "networks.csv")),
+        "correlations_csv": str(write_csv(result.correlations, out / "correlations.csv")),
+    }
+    labels = {k: measure_label(k) for k in [*result.measures, *TARGETS]}
+    images = []
+    for m in result.measures:
+        pts = [r for r in result.records if m in r]
+        if not pts:
+            continue
+        stats = {
+            c["target"]: f"Kendall τ = {c['kendall_tau']:.2f} "
+            f"[{c['tau_ci_low']:.2f}, {c['tau_ci_high']:.2f}]"
+            for c in result.correlations
+            if c["measure"] == m and c["target"] in TARGETS
+        }
+        name = f"scatter_{m}.png"
+        plot_scatter(pts, m, list(TARGETS), out / name, labels=labels, stats=stats)
+        files[name] = str(out / name)
+        images.append((m, name))
+    write_json(
+        {
+            "records": result.records,
+            "correlations": result.correlations,
+            "measures": result.measures,
+            "settings": result.settings,
+            "files": files,
+        },
+        out / "study.json",
+    )
+    lines = _study_lines(result, images)
     (out / "report.md").write_text("\n".join(lines))
     files["report"] = str(out / "report.md")
     log.info("wrote study report %s", out / "report.md")
