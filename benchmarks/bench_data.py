@@ -1,17 +1,19 @@
 """Benchmark: batched TensorLoader + Augment against a per-sample Python pipeline.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data.py [--n 10000] [--repeats 5]
-Both variants are timed side by side in one run (alternating), medians reported.
+Run: python benchmarks/bench_data.py [--n 10000] [--repeats 5] [--threads 1]
+Both variants are timed side by side in one run (alternating); times are medians [min-max] over
+the repeats, the speed-up the median [min-max] of the per-repeat ratios. Torch threads are
+pinned (default 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, ratio_stats
 
 from flatminima.data import ArrayDataset, Augment, TensorLoader
 
@@ -41,7 +43,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="device holding the data, e.g. cuda")
+    add_threads_arg(ap)
     args = ap.parse_args()
+    pin_threads(args.threads)
+    print(f"# bench_data: {env_line(args.device)}, {args.repeats} interleaved repeats")
     torch.manual_seed(0)
     cpu = ArrayDataset(torch.rand(args.n, 3, 32, 32), torch.randint(0, 10, (args.n,)))
     ds = cpu.to(args.device)
@@ -70,14 +75,17 @@ def main() -> None:
         assert per_sample_epoch(ds, args.batch_size, 4, g) == args.n
         sync()
         t_ref.append(time.perf_counter() - t0)
-    mf, mr = statistics.median(t_fast), statistics.median(t_ref)
     print(
         f"epoch of {args.n} CIFAR-shaped samples on {ds.x.device}, batch {args.batch_size}, "
-        "crop 4 + flip"
+        "crop 4 + flip; ms median [min-max]"
     )
-    for label, t in (("TensorLoader+Augment (batched)", mf), ("per-sample Python reference", mr)):
-        print(f"  {label:31s}: median {t * 1e3:8.1f} ms  ({args.n / t:,.0f} samples/s)")
-    print(f"  speed-up: {mr / mf:.1f}x")
+    for label, t in (
+        ("TensorLoader+Augment (batched)", t_fast),
+        ("per-sample Python reference", t_ref),
+    ):
+        rate = args.n / sorted(t)[len(t) // 2]
+        print(f"  {label:31s}: {fmt_stats(t, 1e3, 1):>26} ms  ({rate:,.0f} samples/s)")
+    print(f"  speed-up: {fmt_triple(ratio_stats(t_ref, t_fast), 1, 1)}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: the coupling all-reduce of distributed Replicated-SGD against the step it adds to.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_distributed.py [--steps 40] [--procs 2,3,4]
+Run: python benchmarks/bench_distributed.py [--steps 40] [--procs 2,3,4] [--threads 1]
 
 For y = 2, 3, 4 processes (one replica each, gloo on 127.0.0.1) and two models (the MLP and the
 small CNN of flatminima.models, Fashion-MNIST shapes, random data), every rank runs ``--steps``
@@ -11,7 +11,9 @@ rSGD steps with coupling every step (K = 1) and times, per step (medians over st
   parameters, including waiting for the slowest rank;
 - ``allreduce``: the same all-reduce alone, after a barrier (the transfer, without skew).
 
-Everything is measured in one run, side by side. On a machine with fewer cores than processes the
+Everything is measured in one run, side by side; each column is the median [min-max] over the
+timed steps, couple/compute the median [min-max] of the per-step ratios. Every rank pins its
+torch threads (``--threads``, default 1). On a machine with fewer cores than processes the
 ranks time-share the cores, so the coupling then also absorbs scheduling delays.
 """
 
@@ -19,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, ratio_stats
 
 from flatminima.distributed import DistributedReplicatedSGD, launch_local
 from flatminima.models import build_model
@@ -33,7 +35,8 @@ MODELS = {"mlp": {"hidden": [256, 256]}, "cnn": {}}
 BATCH = 64
 
 
-def _rank_bench(model_name: str, steps: int) -> dict[str, float] | None:
+def _rank_bench(model_name: str, steps: int, threads: int = 1) -> dict[str, object] | None:
+    pin_threads(threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)
@@ -63,43 +66,40 @@ def _rank_bench(model_name: str, steps: int) -> dict[str, float] | None:
     dist.destroy_process_group()
     if rank != 0:
         return None
-    return {
-        "world": world,
-        "params": n,
-        "compute_ms": 1e3 * statistics.median(compute),
-        "couple_ms": 1e3 * statistics.median(couple),
-        "allreduce_ms": 1e3 * statistics.median(alone),
-    }
+    return {"world": world, "params": n, "compute": compute, "couple": couple, "alone": alone}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
     ap.add_argument("--procs", default="2,3,4", help="process counts y, comma separated")
+    add_threads_arg(ap)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    pin_threads(args.threads)
+    print(f"# bench_distributed: {env_line()} per rank, {args.steps} timed steps")
     rows = []
     for model_name in MODELS:
         for y in (int(p) for p in args.procs.split(",")):
             res = launch_local(
                 y,
                 _rank_bench,
-                (model_name, args.steps),
-                env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+                (model_name, args.steps, args.threads),
+                env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(args.threads)},
                 start_method="fork",
                 timeout=600,
             )[0]
             rows.append((model_name, res))
     print(
-        f"{'model':6} {'y':>2} {'params':>9} {'MB/allreduce':>12} {'compute ms':>10} "
-        f"{'couple ms':>9} {'allreduce ms':>12} {'couple/compute':>14}"
+        f"{'model':6} {'y':>2} {'params':>9} {'MB/allreduce':>12}  {'compute ms':<20}"
+        f"{'couple ms':<20}{'allreduce ms':<20}{'couple/compute':<20}"
     )
     for model_name, r in rows:
         mb = 4 * r["params"] / 1e6
         print(
-            f"{model_name:6} {r['world']:>2} {r['params']:>9,} {mb:>12.2f} "
-            f"{r['compute_ms']:>10.2f} {r['couple_ms']:>9.2f} {r['allreduce_ms']:>12.2f} "
-            f"{r['couple_ms'] / r['compute_ms']:>14.2f}"
+            f"{model_name:6} {r['world']:>2} {r['params']:>9,} {mb:>12.2f}  "
+            f"{fmt_stats(r['compute'], 1e3):<20}{fmt_stats(r['couple'], 1e3):<20}"
+            f"{fmt_stats(r['alone'], 1e3):<20}"
+            f"{fmt_triple(ratio_stats(r['couple'], r['compute'])):<20}"
         )
 
 

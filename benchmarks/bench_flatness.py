@@ -9,7 +9,9 @@ Target (issue 4): time per draw / plain evaluation pass over the same data <= 1.
 Per draw = (T(n_draws = d2) - T(n_draws = d1)) / (d2 - d1) for the full ``local_energy`` call,
 so fixed costs (moving the data, the unperturbed pass) cancel. The plain pass is an
 independent loop (forward, loss, error count, one host sync) under ``torch.inference_mode``.
-Timings interleave the variants and report medians over ``--repeats``.
+Timings interleave the variants; times are medians [min-max] over ``--repeats``, ratios the
+median [min-max] of per-repeat ratios (each repeat's variants were timed next to each other).
+Torch threads are pinned before any torch work (``--threads``, default 1).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, stats
 from torch import nn
 
 from flatminima.flatness import local_energy
@@ -99,18 +102,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2048, help="samples in the ratio benchmark")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_threads_arg(ap)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     dev = torch.device(args.device)
     samples = 256 if args.quick else args.samples
     repeats = 2 if args.quick else args.repeats
-    print(
-        f"device={dev} threads={torch.get_num_threads()} samples={samples} "
-        f"batch={args.batch_size} repeats={repeats} torch={torch.__version__}"
-    )
+    print(f"# bench_flatness: {env_line(dev)}")
+    print(f"samples={samples} batch={args.batch_size} repeats={repeats} (interleaved)")
 
     for name in args.models.split(","):
         bench_model(name, dev, samples, args.batch_size, repeats, args.quick)
@@ -163,27 +163,28 @@ def bench_model(
         t["m2"].append(timed(lambda: le(d2, many), dev))
         t["pert"].append(timed(perturb10, dev) / 10)
     pert.restore_()
-    med = {k: statistics.median(v) for k, v in t.items()}
-    plain = med["plain"]
-    per_draw = (med["d2"] - med["d1"]) / (d2 - d1)
-    per_eval_many = (med["m2"] - med["m1"]) / ((d2 - d1) * len(many))
+    plain = t["plain"]
+    per_draw = [(b - a) / (d2 - d1) for a, b in zip(t["d1"], t["d2"])]
+    per_eval_many = [(b - a) / ((d2 - d1) * len(many)) for a, b in zip(t["m1"], t["m2"])]
     print(f"\n[{name}] ({source}, {n_params:,} parameters, {samples} samples)")
-    print(f"  plain eval pass                 {plain * 1e3:9.2f} ms")
-    print(
-        f"  per draw, 1 sigma               {per_draw * 1e3:9.2f} ms   ratio "
-        f"{per_draw / plain:5.3f}  (target <= 1.10)"
-    )
-    print(
-        f"  per draw x sigma, {len(many)} sigmas      {per_eval_many * 1e3:9.2f} ms   ratio "
-        f"{per_eval_many / plain:5.3f}"
-    )
-    p = med["pert"]
-    print(f"  perturbation only (draw+apply)  {p * 1e3:9.2f} ms   ratio {p / plain:5.3f}")
+    print("  ms and ratios to the plain pass: median [min-max] over interleaved repeats")
+    rows = [
+        ("plain eval pass", plain, ""),
+        ("per draw, 1 sigma", per_draw, "  (target <= 1.10)"),
+        (f"per draw x sigma, {len(many)} sigmas", per_eval_many, ""),
+        ("perturbation only (draw+apply)", t["pert"], ""),
+    ]
+    for label, v, note in rows:
+        r = stats([a / b for a, b in zip(v, plain)])
+        print(f"  {label:32s}{fmt_stats(v, 1e3):>24} ms   ratio {fmt_triple(r, 1, 3)}{note}")
 
     # growth of the total time with draws x samples
     draws_list = [2, 4] if quick else [5, 10, 20]
     samp_list = [128, 256] if quick else [samples // 4, samples // 2, samples]
-    print("  total local_energy time [s] (one sigma); rows n_draws, columns n_samples")
+    print(
+        "  total local_energy time [s] (one sigma, median of repeats); rows n_draws, "
+        "columns n_samples"
+    )
     print("  " + "n_draws".rjust(8) + "".join(f"{s:>10d}" for s in samp_list))
     for nd in draws_list:
         row = []

@@ -2,8 +2,9 @@
 
 Both train the same model (same init) with SGD on the same in-memory data and TensorLoader
 order; the flatminima side runs ``Trainer`` with evaluation reduced to a minimum and reports its
-``train_time_s`` (which excludes evaluation, like the bare loop). Runs are interleaved and the
-median ratio is printed, per model.
+``train_time_s`` (which excludes evaluation, like the bare loop). Runs are interleaved; times are
+medians [min-max] over the repeats and the ratio is the median [min-max] of the per-repeat
+ratios, per model. Torch threads are pinned (``--threads``, default 1).
 
     python benchmarks/bench_loop.py --models mlp cnn --steps 200 --repeats 5
 """
@@ -11,11 +12,11 @@ median ratio is printed, per model.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, ratio_stats
 
 from flatminima.data import ArrayDataset, DataSplits, TensorLoader
 from flatminima.models import build_model
@@ -64,21 +65,21 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
+    print(f"# bench_loop: {env_line()}")
     data = make_data(args.steps * args.batch_size)
     print(f"# loop overhead: {args.steps} steps x {args.epochs} epochs, batch {args.batch_size}, "
           f"{args.threads} thread(s), median of {args.repeats} interleaved repeats")
-    print(f"{'model':8} {'bare s':>8} {'flatminima s':>13} {'ratio':>7}")
+    print(f"{'model':8} {'bare s':<22}{'flatminima s':<22}{'ratio (target <= 1.05)':<22}")
     for name in args.models:
         b, o = [], []
         for _ in range(args.repeats):
             b.append(bare(name, data, args.batch_size, args.epochs, 0.01))
             o.append(ours(name, data, args.batch_size, args.epochs, 0.01))
-        ratios = [x / y for x, y in zip(o, b)]
-        print(f"{name:8} {statistics.median(b):8.3f} {statistics.median(o):13.3f} "
-              f"{statistics.median(ratios):7.3f}")
+        r = fmt_triple(ratio_stats(o, b), 1, 3)
+        print(f"{name:8} {fmt_stats(b, 1, 3):<22}{fmt_stats(o, 1, 3):<22}{r:<22}")
 
 
 if __name__ == "__main__":

@@ -3,21 +3,22 @@
 Training: images/s of one forward + backward + SGD(momentum) step on random Fashion-MNIST-shaped
 data (1x28x28, 10 classes). Evaluation: images/s of no-grad forward passes of the CNN at several
 batch sizes (large eval batches were slower than 64-256 for convolutions on a 2-core CPU).
-Each number is the median over ``--repeats`` timed repeats of ``--iters`` steps after warm-up.
+Each number is the median [min-max] over ``--repeats`` timed repeats of ``--iters`` steps after
+warm-up. Torch threads are pinned before any torch work (``--threads``, default 1).
 
-    python benchmarks/bench_models.py               # all models, 2 threads
-    python benchmarks/bench_models.py --threads 1 --repeats 3
+    python benchmarks/bench_models.py               # all models, 1 thread
+    python benchmarks/bench_models.py --threads 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, pin_threads, sync
 
 from flatminima.models import build_model, count_parameters
 
@@ -33,11 +34,6 @@ TRAIN_CONFIGS: dict[str, tuple[str, str, dict[str, object], int | None]] = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_rate(
     step: Callable[[], None],
     images_per_step: int,
@@ -45,8 +41,8 @@ def median_rate(
     repeats: int,
     warmup: int,
     device: torch.device,
-) -> float:
-    """Median over repeats of images/s, each repeat timing ``iters`` calls of ``step``."""
+) -> list[float]:
+    """Images/s of each repeat, each repeat timing ``iters`` calls of ``step``."""
     for _ in range(warmup):
         step()
     sync(device)
@@ -57,7 +53,7 @@ def median_rate(
             step()
         sync(device)
         rates.append(images_per_step * iters / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return rates
 
 
 def bench_train(
@@ -67,7 +63,7 @@ def bench_train(
     iters: int,
     repeats: int,
     device: torch.device,
-) -> tuple[int, float]:
+) -> tuple[int, list[float]]:
     torch.manual_seed(0)
     model = build_model(name, INPUT_SHAPE, NUM_CLASSES, **kwargs).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -83,7 +79,7 @@ def bench_train(
     return count_parameters(model), rate
 
 
-def bench_eval(batch: int, total: int, repeats: int, device: torch.device) -> float:
+def bench_eval(batch: int, total: int, repeats: int, device: torch.device) -> list[float]:
     torch.manual_seed(0)
     model = build_model("cnn", INPUT_SHAPE, NUM_CLASSES).to(device).eval()
     x = torch.randn(batch, *INPUT_SHAPE, device=device)
@@ -98,7 +94,7 @@ def bench_eval(batch: int, total: int, repeats: int, device: torch.device) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add_threads_arg(parser)
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (128)")
     parser.add_argument("--iters", type=int, default=10, help="training steps per repeat (10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; median (5)")
@@ -115,32 +111,36 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     device = torch.device(args.device)
 
+    print(f"# bench_models: {env_line(device)}")
     print(
-        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-        f"input {INPUT_SHAPE}, batch {args.batch_size}, median of {args.repeats} repeats"
+        f"input {INPUT_SHAPE}, batch {args.batch_size}, median [min-max] of {args.repeats} repeats"
     )
     print("\nTraining (forward + backward + SGD momentum step)")
-    print(f"{'model':<20}{'params':>12}{'images/s':>12}{'ms/step':>10}{'s/60k epoch':>13}")
+    print(f"{'model':<20}{'params':>12}  {'images/s':<26}{'ms/step':>10}{'s/60k epoch':>13}")
     keys = [k.strip() for k in args.train_models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in TRAIN_CONFIGS]
     if unknown:
         parser.error(f"unknown --train-models {unknown}; choose from {list(TRAIN_CONFIGS)}")
     for key in keys:
         label, name, kwargs, iters = TRAIN_CONFIGS[key]
-        n_params, rate = bench_train(
+        n_params, rates = bench_train(
             name, kwargs, args.batch_size, iters or args.iters, args.repeats, device
         )
+        rate = sorted(rates)[len(rates) // 2]
         ms = 1000 * args.batch_size / rate
-        print(f"{label:<20}{n_params:>12,}{rate:>12,.0f}{ms:>10.1f}{60000 / rate:>13.1f}")
+        print(
+            f"{label:<20}{n_params:>12,}  {fmt_stats(rates, 1, 0):<26}{ms:>10.1f}"
+            f"{60000 / rate:>13.1f}"
+        )
 
     print("\nEvaluation of cnn width 32 (no grad)")
-    print(f"{'batch':>8}{'images/s':>12}")
+    print(f"{'batch':>8}  {'images/s':<26}")
     for batch in (int(b) for b in args.eval_batches.split(",")):
-        rate = bench_eval(batch, args.eval_images, args.repeats, device)
-        print(f"{batch:>8}{rate:>12,.0f}")
+        rates = bench_eval(batch, args.eval_images, args.repeats, device)
+        print(f"{batch:>8}  {fmt_stats(rates, 1, 0):<26}")
 
 
 if __name__ == "__main__":

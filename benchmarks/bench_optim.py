@@ -1,6 +1,10 @@
 """Benchmark of the flatminima optimizers against plain SGD (wall-clock, medians).
 
-Measures, with every pair of numbers taken interleaved in the same run (the machine is noisy):
+Measures, with every pair of numbers taken interleaved in the same run (the machine is noisy);
+times are medians with [min-max] over the repeats, ratios the median [min-max] of the per-repeat
+ratios of variants timed next to each other. Torch threads are pinned (``--threads``, default 1)
+before any torch work: with torch's default threads on a small shared machine the ratios are
+noise (4.2 and 0.24 for the same quantity in one run).
 
 1. rSGD step / (y x SGD step) for MLP, small CNN, ResNet-18 (width 16), y = 3 and 5, batch 128;
    target <= 1.05 (the coupling and the flat-buffer update should be nearly free).
@@ -11,7 +15,8 @@ Measures, with every pair of numbers taken interleaved in the same run (the mach
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_optim.py            # CPU, about 2-4 minutes
+    python benchmarks/bench_optim.py                              # CPU, 1 thread, 2-4 minutes
+    python benchmarks/bench_optim.py --models mlp --repeats 5     # one model
     python benchmarks/bench_optim.py --device cuda --repeats 30   # on a GPU
     python benchmarks/bench_optim.py --quick                      # smoke run
 """
@@ -20,12 +25,12 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------------------- imports
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, ratio_stats
+from _common import interleaved as _interleaved
 from torch import nn
 
 from flatminima.optim import EntropySGD, Replicas, ReplicatedSGD
@@ -69,24 +74,18 @@ def make(name: str) -> Callable[[], nn.Module]:
 
 
 # ----------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of each fn per repeat, calls interleaved round-robin after one warm-up each."""
+    return _interleaved(fns, repeats, device, warmup=1)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, float]:
-    """Median seconds of each fn, calls interleaved round-robin after one warm-up each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def ms(times: list[float], per: float = 1.0) -> str:
+    """``median [min-max]`` in milliseconds of ``times / per``."""
+    return fmt_stats(times, 1e3 / per, 2)
+
+
+def ratio(num: list[float], den: list[float]) -> str:
+    return fmt_triple(ratio_stats(num, den), 1, 3)
 
 
 def batches(shape, y: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +121,7 @@ def rsgd_step_fn(reps: Replicas, x, t, backend: str = "loop") -> Callable[[], No
 # ----------------------------------------------------------------------------- benchmarks
 def bench_rsgd(args, device) -> None:
     print(f"\n## rSGD step / (y x SGD step), batch {BATCH} per replica (target <= 1.05)")
-    print(f"{'model':<10}{'y':>3}{'SGD ms':>10}{'rSGD ms':>10}{'ratio':>8}")
+    print(f"{'model':<10}{'y':>3}  {'SGD ms':<22}{'rSGD ms':<22}{'ratio':<22}")
     for name in args.models:
         shape, _ = MODELS[name]
         for y in args.replicas:
@@ -133,17 +132,19 @@ def bench_rsgd(args, device) -> None:
             # y SGD steps per repetition, so the ratio compares equal work
             sgd_fn = fns["sgd"]
             fns["sgd"] = lambda sgd_fn=sgd_fn, y=y: [sgd_fn() for _ in range(y)] and None
-            med = interleaved(fns, args.repeats, device)
+            t = interleaved(fns, args.repeats, device)
             print(
-                f"{name:<10}{y:>3}{1e3 * med['sgd'] / y:>10.2f}{1e3 * med['rsgd']:>10.2f}"
-                f"{med['rsgd'] / med['sgd']:>8.3f}"
+                f"{name:<10}{y:>3}  {ms(t['sgd'], y):<22}{ms(t['rsgd']):<22}"
+                f"{ratio(t['rsgd'], t['sgd']):<22}"
             )
 
 
 def bench_esgd(args, device) -> None:
     L = 5
     print(f"\n## eSGD outer step / (L x SGD step), L = {L} (target <= 1.05)")
-    print(f"{'model':<10}{'L*SGD ms':>10}{'eSGD ms':>10}{'ratio':>8}{'eps=0 ms':>10}{'ratio':>8}")
+    print(
+        f"{'model':<10}{'L*SGD ms':<22}{'eSGD ms':<22}{'ratio':<22}{'noise=0 ms':<22}{'ratio':<22}"
+    )
     for name in args.models:
         shape, _ = MODELS[name]
         x, t = batches(shape, 1, device)
@@ -166,17 +167,16 @@ def bench_esgd(args, device) -> None:
                 return loss
 
             fns[key] = lambda opt=opt, closure=closure: opt.step(closure) and None
-        med = interleaved(fns, args.repeats, device)
+        t = interleaved(fns, args.repeats, device)
         print(
-            f"{name:<10}{1e3 * med['sgd']:>10.2f}{1e3 * med['esgd']:>10.2f}"
-            f"{med['esgd'] / med['sgd']:>8.3f}{1e3 * med['esgd0']:>10.2f}"
-            f"{med['esgd0'] / med['sgd']:>8.3f}"
+            f"{name:<10}{ms(t['sgd']):<22}{ms(t['esgd']):<22}{ratio(t['esgd'], t['sgd']):<22}"
+            f"{ms(t['esgd0']):<22}{ratio(t['esgd0'], t['sgd']):<22}"
         )
 
 
 def bench_vmap(args, device) -> None:
     print("\n## rSGD step: loop vs vmap backend (small models)")
-    print(f"{'model':<10}{'y':>3}{'loop ms':>10}{'vmap ms':>10}{'vmap/loop':>11}")
+    print(f"{'model':<10}{'y':>3}  {'loop ms':<22}{'vmap ms':<22}{'vmap/loop':<22}")
     for name in [m for m in args.models if m != "resnet18"]:
         shape, _ = MODELS[name]
         for y in args.replicas:
@@ -184,10 +184,10 @@ def bench_vmap(args, device) -> None:
             ra = Replicas(make(name), y, seed=0).to(device)
             rb = Replicas(make(name), y, seed=0).to(device)
             fns = {"loop": rsgd_step_fn(ra, x, t, "loop"), "vmap": rsgd_step_fn(rb, x, t, "vmap")}
-            med = interleaved(fns, args.repeats, device)
+            t = interleaved(fns, args.repeats, device)
             print(
-                f"{name:<10}{y:>3}{1e3 * med['loop']:>10.2f}{1e3 * med['vmap']:>10.2f}"
-                f"{med['vmap'] / med['loop']:>11.3f}"
+                f"{name:<10}{y:>3}  {ms(t['loop']):<22}{ms(t['vmap']):<22}"
+                f"{ratio(t['vmap'], t['loop']):<22}"
             )
 
 
@@ -239,10 +239,10 @@ def bench_update(args, device) -> None:
         "flat": flat,
         "copy": lambda: dst.copy_(src),
     }
-    med = interleaved(fns, args.repeats, device)
-    print(f"{'kernel':<12}{'ms':>9}{'/ copy':>9}")
-    for k, v in med.items():
-        print(f"{k:<12}{1e3 * v:>9.3f}{v / med['copy']:>9.1f}")
+    t = interleaved(fns, args.repeats, device)
+    print(f"{'kernel':<12}{'ms':<26}{'/ copy':<22}")
+    for k, v in t.items():
+        print(f"{k:<12}{fmt_stats(v, 1e3, 3):<26}{fmt_triple(ratio_stats(v, t['copy']), 1, 2):<22}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -253,17 +253,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--replicas", nargs="+", type=int, default=[3, 5])
     parser.add_argument("--quick", action="store_true", help="mlp/cnn only, 3 repeats")
+    add_threads_arg(parser)
     parser.add_argument(
         "--only", nargs="+", default=["rsgd", "esgd", "vmap", "update"],
         choices=["rsgd", "esgd", "vmap", "update"],
     )  # fmt: skip
     args = parser.parse_args()
+    pin_threads(args.threads)  # before any torch work
     if args.quick:
         args.models, args.repeats = ["mlp", "cnn"], 3
     device = torch.device(args.device)
     print(
-        f"# bench_optim: torch {torch.__version__}, device {device}, "
-        f"threads {torch.get_num_threads()}, repeats {args.repeats}"
+        f"# bench_optim: {env_line(device)}, {args.repeats} interleaved repeats; "
+        "times median [min-max], ratios median [min-max] of per-repeat ratios"
     )
     torch.manual_seed(0)
     for part in args.only:

@@ -271,16 +271,19 @@ class _ThickRestartLanczos:
         self.anorm = max(self.anorm, float(h.abs().max()))
         return self._norm(r)
 
-    def advance(self, j: int, beta: float) -> None:
-        """Normalise ``V[j+1]``; after a breakdown (invariant subspace) draw a fresh direction."""
+    def advance(self, j: int, beta: float) -> float:
+        """Normalise ``V[j+1]``; after a breakdown (invariant subspace) draw a fresh direction.
+
+        Returns the coupling of ``V[j+1]`` to ``V[:j+1]``: ``beta``, or 0 after a breakdown.
+        """
         r = self.V[j + 1]
-        if beta <= 100 * self.eps * max(self.anorm, 1e-300):
-            r.normal_(generator=self.gen)
-            self._orthogonalize(j + 1, r)
-            beta = self._norm(r)
-            if j + 1 < self.m:
-                self.T[j + 1, j] = self.T[j, j + 1] = 0.0
-        r.div_(beta)
+        if beta > 100 * self.eps * max(self.anorm, 1e-300):
+            r.div_(beta)
+            return beta
+        r.normal_(generator=self.gen)
+        self._orthogonalize(j + 1, r)
+        r.div_(self._norm(r))
+        return 0.0
 
     def ritz(self, n: int, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Ritz values, vectors (``n x n``), residual norms and convergence scale, wanted first."""
@@ -365,7 +368,7 @@ def _lanczos(
         converged = j + 1 == dim or (kk == k and bool((resid[:k] <= tol * scale[:k]).all()))
         if converged or n_iter == max_iter:
             break
-        lz.advance(j, beta)
+        beta = lz.advance(j, beta)
         msg = _progress(lz, n_iter, max_iter, theta[:k], resid[:k] / scale[:k], tol)
         logger.debug(msg)
         if time.monotonic() - t_log >= _LOG_EVERY_S:
