@@ -1,23 +1,31 @@
 """Compare optimizers over paired seeds at a stated budget, with flatness, and write a report.
 
-Design (Pittorino et al., ICLR 2021, Sec. 5 and Tables 1-3, re-done with error bars):
+Design (Pittorino et al., ICLR 2021, Sec. 5 and Tables 1-3, re-done as a fair protocol). One call
+of :func:`compare` runs five stages, each a function:
 
-* every (budget, arm, seed) is one run folder ``OUT/runs/BUDGET/ARM/seedS`` trained by
-  :func:`flatminima.train.train`: a finished run is skipped, a partial one resumes;
+1. :func:`plan_compare`: every input checked (arms, seeds, budgets, margin, the preset's tuning
+   spec: equal planned trials per arm, tuning seeds disjoint from the evaluation seeds); nothing
+   is trained before this passes;
+2. :func:`tune_stage`: every arm tuned at every budget it is evaluated at on its own tuning seeds
+   and a validation split (:func:`flatminima.studies.tune.tune_arm`), the chosen values applied;
+3. the runs, handed to an executor (:mod:`flatminima.studies.executors`: this process, a local
+   process pool, submitit/SLURM); a finished run is skipped, a partial one resumes;
+4. :func:`collect`: summaries read back, collapsed runs flagged
+   (:func:`flatminima.studies.stats.is_collapsed`), local energy measured and cached;
+5. :func:`aggregate`: tables and paired tests (:mod:`flatminima.studies.stats`), then the report.
+
 * **paired seeds**: seed ``s`` gives every arm the same data split, training subset, label noise
-  and data-order seed (``TrainConfig.seed = s``), so per-seed differences cancel the data noise;
-* **budget**: ``"grad-evals"`` (default, equal gradient evaluations: equal compute) or
-  ``"epochs"`` (equal epochs per replica, the paper's parallel wall-clock setting), always
-  labelled; ``"both"`` runs both;
-* the local energy ``delta_E(sigma)`` of each final evaluated network (the rSGD centre) is
-  measured on a fixed training subset and cached in the run folder (``flatness.json``);
-* with a validation split (``val_size > 0``), early-stopped SGD (the epoch of lowest validation
-  error) is reported as its own control row.
+  and data-order seed, so per-seed differences cancel the data noise;
+* **budget**: ``"grad-evals"`` (equal gradient evaluations) or ``"epochs"`` (equal epochs per
+  replica, the paper's setting), always labelled; ``"both"`` runs both. At equal epochs every
+  multi-pass arm gets SGD with the same gradient evaluations (``sgd-compute-ARM``) and rSGD the
+  large-batch control; with a validation split, early-stopped SGD is its own row;
+* **flatness**: local energy ``delta_E(sigma)`` of each final evaluated network (the rSGD
+  centre), paired against SGD's final network and against SGD at matched training error (SGD's
+  local energy is measured at every evaluation point during its run).
 
 Statistics over seeds: mean, sample standard deviation ``std`` (ddof 1) and standard error
-``se = std / sqrt(n)``. The paired difference of arm ``a`` against reference ``r`` is
-``d_s = err_a(s) - err_r(s)``; its mean, ``se = std(d) / sqrt(n)``, a Student-t 95% interval and
-the two-sided paired t-test p-value are reported.
+``se = std / sqrt(n)``; paired tests as in :mod:`flatminima.studies.stats`.
 """
 
 from __future__ import annotations
