@@ -280,3 +280,40 @@ def test_doctests():
 
     result = doctest.testmod(integration)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_adamw_base_optimizers_match_plain_loop():
+    """eSGD and rSGD with an AdamW outer/base step (no weight decay on biases for rSGD)."""
+    n, y_rep = 7, 2
+    x, y = make_data(n)
+    xr, yr = make_data(n, batch=y_rep * B)
+
+    def esgd_adamw(params):
+        return EntropySGD(params, lr=1e-2, inner_steps=3, inner_lr=0.1, gamma=0.03, noise=1e-3,
+                          seed=0, one_batch_per_step=True, base_optimizer=torch.optim.AdamW,
+                          base_kwargs={"weight_decay": 0.01})
+
+    def rsgd_adamw(wrapper):
+        named = list(wrapper.replicas[0].named_parameters())
+        groups = [{"params": [p for k, p in named if k.endswith("bias")], "weight_decay": 0.0},
+                  {"params": [p for k, p in named if not k.endswith("bias")]}]
+        return ReplicatedSGD(wrapper.replicas, lr=1e-2, gamma=0.05, param_groups=groups,
+                             base_optimizer=torch.optim.AdamW, base_kwargs={"weight_decay": 0.1})
+
+    module = Module(make_net(), lambda m: esgd_adamw(m.net.parameters()))
+    fit(module, x, y)
+    rmodule = Module(ReplicatedModule(make_net, y_rep, seed=0), lambda m: rsgd_adamw(m.net))
+    fit(rmodule, xr, yr, batch=y_rep * B)
+
+    net = make_net()
+    opt = esgd_adamw(net.parameters())
+    wrapper = ReplicatedModule(make_net, y_rep, seed=0)
+    ropt = rsgd_adamw(wrapper)
+    for (xb, yb), (xrb, yrb) in zip(batches_of(x, y), batches_of(xr, yr, y_rep * B)):
+        for model, o, xx, yy in ((net, opt, xb, yb), (wrapper, ropt, xrb, yrb)):
+            o.zero_grad()
+            F.cross_entropy(model(xx), yy).backward()
+            o.step()
+    assert_same(module.net, net)
+    assert_same(rmodule.net, wrapper)
+    assert module.opt.outer_steps == 2 and rmodule.opt.grad_evals == y_rep * n
