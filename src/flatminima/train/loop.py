@@ -795,6 +795,7 @@ def load_run(
     ckpt = folder.read_checkpoint(map_location=torch.device(cfg.device))
     if ckpt is None:
         raise FileNotFoundError(f"{folder.path} has no {RunFolder.CHECKPOINT}: train it first")
+    folder.check_data()  # the recorded data files are still there (before loading any data)
     trainer = Trainer(cfg, None, data=data, progress=False)
     folder.check_data(trainer.data)
     state = _unpack_for_one_process(ckpt, cfg, folder.file(RunFolder.CHECKPOINT))

@@ -438,9 +438,10 @@ class RunFolder:
         """Release the lock (if this process holds it)."""
         self.lock.release()
 
-    def check_data(self, data: Any) -> None:
-        """Raise ``FileNotFoundError`` / ``ValueError`` when the data files recorded in the marker
-        are gone or differ from the ones ``data`` was loaded from (sizes; no re-hashing)."""
+    def check_data(self, data: Any = None) -> None:
+        """Raise ``FileNotFoundError`` when data files recorded in the marker are gone, and
+        ``ValueError`` when they differ from the ones ``data`` (if given) was loaded from (source
+        folder and sizes; no re-hashing). Runs without a record pass."""
         marker = self.marker()
         record = (marker or {}).get("data")
         if not record:
@@ -452,6 +453,8 @@ class RunFolder:
                 f"{' ...' if len(gone) > 4 else ''}; restore them (data_root or "
                 "$FLATMINIMA_DATA must find that folder again)"
             )
+        if data is None:
+            return
         now = data_record_light(data)
         if now["source"] != record.get("source"):
             raise ValueError(
