@@ -218,6 +218,11 @@ def test_keyboard_interrupt_is_130(monkeypatch):
         ["train", "--optimizer"],
         ["compare"],
         ["data", "--frob"],
+        ["compare", "--out", "c", "--seeds", "0"],
+        ["compare", "--out", "c", "--jobs", "-1"],
+        ["compare", "--out", "c", "--sigmas", "0.1,nan"],
+        ["tune", "--out", "t", "--optimizer", "sgd", "--grid", "lr=1", "--seeds", "1.5"],
+        ["study", "--out", "s", "--grid", "g", "--n-boot", "0"],
     ],
 )
 def test_usage_errors_are_one_line_exit_2(argv):

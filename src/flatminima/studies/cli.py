@@ -7,17 +7,34 @@ from pathlib import Path
 from typing import Any
 
 from flatminima.train.config import coerce, parse_override
+from flatminima.train.values import to_float, to_int
 
 __all__ = ["register"]
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(p) for p in text.split(",") if p.strip()]
+        return [to_float("value", p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid list {text!r}: expected comma-separated numbers, e.g. 0.05,0.1"
+            f"invalid list {text!r}: expected comma-separated finite numbers, e.g. 0.05,0.1"
         ) from None
+
+
+def _count(low: int) -> Any:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = to_int("value", text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number >= {low}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -33,7 +50,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data set (overrides the preset)")
     p.add_argument("--model", help="model name (overrides the preset)")
     p.add_argument("--val-size", type=float, help="validation split (fraction or count)")
-    p.add_argument("--train-subset", type=int, help="keep this many training samples")
+    p.add_argument("--train-subset", type=_count(1), help="keep this many training samples")
     p.add_argument("--label-noise", type=float, help="fraction of training labels flipped")
     p.add_argument("--budget-epochs", type=float, help="budget in epochs (see --budget)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -87,7 +104,7 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=_count(1),
         default=1,
         help="local executor: training processes at once, each with cores/jobs threads "
         "(default 1)",
@@ -95,10 +112,12 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submitit-folder", type=Path, help="submitit logs (default OUT/submitit)")
     p.add_argument("--submitit-cluster", help="slurm, local or debug (default: auto)")
     p.add_argument("--partition", help="SLURM partition")
-    p.add_argument("--timeout-min", type=int, default=60, help="job time limit in minutes")
-    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per job")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job")
-    p.add_argument("--runs-per-job", type=int, default=1, help="runs trained in one job")
+    p.add_argument("--timeout-min", type=_count(1), default=60, help="job time limit in minutes")
+    p.add_argument(
+        "--cpus-per-task", type=_count(1), default=1, help="CPUs (torch threads) per job"
+    )
+    p.add_argument("--gpus-per-node", type=_count(0), default=0, help="GPUs per job")
+    p.add_argument("--runs-per-job", type=_count(1), default=1, help="runs trained in one job")
 
 
 def _executor(args: argparse.Namespace) -> Any:
@@ -141,7 +160,7 @@ def _register_compare(subparsers: Any) -> None:
         type=_names,
         help="comma-separated optimizers or preset arms (default sgd,esgd,rsgd,sam)",
     )
-    p.add_argument("--seeds", type=int, help="number of paired seeds (default 3)")
+    p.add_argument("--seeds", type=_count(1), help="number of paired seeds (default 3)")
     _add_executor(p)
     p.add_argument(
         "--no-tune",
@@ -159,10 +178,10 @@ def _register_compare(subparsers: Any) -> None:
     p.add_argument(
         "--sigmas", type=_floats, help="local-energy noise strengths (default 0.05,0.1,0.2,0.3,0.5)"
     )
-    p.add_argument("--flatness-draws", type=int, help="noise draws per sigma (default 5)")
+    p.add_argument("--flatness-draws", type=_count(1), help="noise draws per sigma (default 5)")
     p.add_argument(
         "--flatness-samples",
-        type=int,
+        type=_count(0),
         help="fixed training subset for the local energy (default 2000)",
     )
     p.add_argument(
@@ -187,8 +206,8 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--optimizer", required=True, help="optimizer (or preset arm) to tune")
     p.add_argument("--grid", required=True, help="e.g. 'lr=0.02,0.05,0.1;gamma=1e-3,1e-2'")
     p.add_argument("--then", help="axes tried at the chosen point, e.g. 'inner_lr=0.05,0.2'")
-    p.add_argument("--seeds", type=int, default=3, help="tuning seeds 0..N-1 (default 3)")
-    p.add_argument("--max-extend", type=int, default=2, help="edge extension steps per axis")
+    p.add_argument("--seeds", type=_count(1), default=3, help="tuning seeds 0..N-1 (default 3)")
+    p.add_argument("--max-extend", type=_count(0), default=2, help="edge extension steps per axis")
     p.add_argument(
         "--allow-weak-selection",
         action="store_true",
@@ -217,7 +236,7 @@ def _register_study(subparsers: Any) -> None:
         default=None,
         help="measure the local free entropy (default: automatic for small networks)",
     )
-    p.add_argument("--n-boot", type=int, help="bootstrap resamples (default 1000)")
+    p.add_argument("--n-boot", type=_count(1), help="bootstrap resamples (default 1000)")
     p.add_argument("--device", help="cpu, cuda, ...")
     p.add_argument(
         "--set",
