@@ -592,21 +592,26 @@ def _fused_update(
     ``d = g + (K gamma + wd) w - (K gamma / y) total`` with ``total = sum_a w_a`` (or
     ``d = g + wd w`` when ``total`` is None); ``buf <- mom buf + d``; ``w <- w - lr (d + mom buf)``
     (Nesterov) or ``w - lr buf`` (or ``w - lr d`` without momentum); ``g <- d``. ``total`` is
-    computed outside so that the compiled kernel is a single elementwise pass.
+    computed outside and everything is viewed as 1-D (the centre broadcast as an expanded
+    index), so that inductor emits ONE elementwise loop with no temporary buffer.
     """
     kg, wd, lr, mom = s[0], s[1], s[2], s[3]
+    w1, g1 = w.view(-1), g.view(-1)
     if total is not None:
-        d = g + (kg + wd) * w - (kg / y) * total
+        n = total.shape[-1]
+        tot = total.view(1, n).expand(y, n).reshape(-1)
+        d = g1 + (kg + wd) * w1 - (kg / y) * tot
     else:
-        d = g + wd * w
-    g.copy_(d)
+        d = g1 + wd * w1
     if buf is None:
         upd = d
     else:
-        b = buf * mom + d
-        buf.copy_(b)
+        b = buf.view(-1) * mom + d
         upd = d + mom * b if nesterov else b
-    w.copy_(w - lr * upd)
+        buf.view(-1).copy_(b)
+    new_w = w1 - lr * upd
+    g1.copy_(d)
+    w1.copy_(new_w)
 
 
 def _compiled_update() -> Callable[..., None] | None:
