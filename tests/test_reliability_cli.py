@@ -199,6 +199,14 @@ def test_unexpected_exception_is_internal_error_70_with_trace_file(monkeypatch, 
     assert "not supported" in trace.read_text()
 
 
+def test_a_bug_while_building_the_parser_is_also_one_line_70(monkeypatch):
+    def broken():
+        raise AttributeError("module 'x' has no attribute 'y'")
+
+    monkeypatch.setattr(cli, "build_parser", broken)
+    assert_one_line_error(["train"], "flatminima: internal error: AttributeError", rc=70)
+
+
 def test_keyboard_interrupt_is_130(monkeypatch):
     import flatminima.train.loop as loop
 

@@ -78,6 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors, 130 for Ctrl-C). Anything else is a bug: one line ``internal error: ... (full trace
     in FILE)`` and exit status 70.
     """
+    prefix = ["flatminima"]  # completed with the command once it is known
+    try:
+        return _run(argv, prefix)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into expected failures and bugs below
+        message = describe_error(exc)
+        if message is not None:
+            print(f"{' '.join(prefix)}: error: {message}", file=sys.stderr)
+            return 1
+        print(f"{' '.join(prefix)}: {internal_error(exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(argv: Sequence[str] | None, prefix: list[str]) -> int:
+    """Parse, set up logging and threads, run the subcommand (exceptions go to :func:`main`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
@@ -91,19 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    prefix = f"flatminima {args.command}"
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - sorted into expected failures and bugs below
-        message = describe_error(exc)
-        if message is not None:
-            print(f"{prefix}: error: {message}", file=sys.stderr)
-            return 1
-        print(f"{prefix}: {internal_error(exc)}", file=sys.stderr)
-        return EXIT_INTERNAL
+    prefix.append(args.command)
+    return int(args.func(args) or 0)
 
 
 _EXPECTED = (ValueError, ImportError, RuntimeError, OSError, MemoryError, EOFError)
