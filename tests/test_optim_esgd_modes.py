@@ -310,6 +310,9 @@ def test_base_misuse_errors():
     with pytest.raises(ValueError, match="lr=0.1"):
         EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW,
                    base_kwargs={"lr": 0.5})
+    with pytest.raises(ValueError, match="'gamma'.*EntropySGD's own"):
+        EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW,
+                   base_kwargs={"gamma": 0.5})
     with pytest.raises(ValueError, match="without a base_optimizer"):
         EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_kwargs={"betas": (0.9, 0.9)})
     with pytest.raises(TypeError, match="base_optimizer"):

@@ -250,6 +250,11 @@ class EntropySGD(Optimizer):
         if base_kwargs is not None and not isinstance(base_kwargs, dict):
             raise ValueError(f"Invalid base_kwargs value: {base_kwargs!r} (expected a dict)")
         kwargs = dict(base_kwargs or {})
+        clash = sorted(set(kwargs) & set(_INNER_KEYS))
+        if clash:
+            raise ValueError(
+                f"base_kwargs has {clash}: these are EntropySGD's own arguments, pass them directly"
+            )
         if "lr" in kwargs:
             raise ValueError(
                 f"base_kwargs has lr={kwargs['lr']!r}: pass the base optimizer's lr as lr={lr!r}"
