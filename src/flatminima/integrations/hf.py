@@ -188,6 +188,12 @@ class FlatMinimaTrainer(Trainer):
                 self.optimizer = opt = SAMTwoCall(inner)
         return opt
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> Any:
+        """The base scheduler, after checking the optimizer again (accelerate's ``prepare``
+        has moved the model by now)."""
+        check_optimizer(self.optimizer, "the Hugging Face Trainer")
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def training_step(
         self,
         model: nn.Module,
