@@ -591,7 +591,8 @@ def _fused_update(
 
     ``d = g + (K gamma + wd) w - (K gamma / y) total`` with ``total = sum_a w_a`` (or
     ``d = g + wd w`` when ``total`` is None); ``buf <- mom buf + d``; ``w <- w - lr (d + mom buf)``
-    (Nesterov) or ``w - lr buf`` (or ``w - lr d`` without momentum); ``g <- d``. ``total`` is
+    (Nesterov) or ``w - lr buf`` (or ``w - lr d`` without momentum); ``g <- d`` (Nesterov:
+    ``g <- d + mom buf``, as the eager kernels leave it). ``total`` is
     computed outside and everything is viewed as 1-D (the centre broadcast as an expanded
     index), so that inductor emits ONE elementwise loop with no temporary buffer.
     """
@@ -610,7 +611,7 @@ def _fused_update(
         upd = d + mom * b if nesterov else b
         buf.view(-1).copy_(b)
     new_w = w1 - lr * upd
-    g1.copy_(d)
+    g1.copy_(upd if buf is not None and nesterov else d)  # what the eager kernels leave there
     w1.copy_(new_w)
 
 
@@ -653,7 +654,8 @@ class ReplicatedSGD(Optimizer):
     runs as a few kernels on the flat ``[y, N]`` buffers of the :class:`Replicas` (the momentum or
     Adam moments are ``[y, N]`` too). With ``gamma=0`` it is exactly ``y`` independent runs of the
     base update. The coupling (and weight decay of the built-in path) is added to the flat gradient
-    in place, so after ``step()`` the replicas' ``.grad`` hold ``G_a`` plus weight decay.
+    in place, so after ``step()`` the replicas' ``.grad`` hold ``G_a`` plus weight decay (with
+    Nesterov: the update direction ``G_a + wd w_a + momentum * buf_a``).
 
     Param groups are given over ONE replica's parameters and apply to the same slots of every
     replica, e.g. no weight decay on biases::
@@ -742,6 +744,11 @@ class ReplicatedSGD(Optimizer):
             _check_sgd_group(defaults)
         else:
             kwargs = _check_base(base_optimizer, base_kwargs)
+            if fused is not None:
+                raise ValueError(
+                    f"Invalid fused value: {fused!r} (applies to the built-in update only; "
+                    "use the base optimizer's own options, e.g. fused=True for AdamW on a GPU)"
+                )
             if momentum != 0.0 or nesterov or weight_decay != 0.0:
                 raise ValueError(
                     "momentum, nesterov and weight_decay belong in base_kwargs when a "
