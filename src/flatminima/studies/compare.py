@@ -233,16 +233,6 @@ def _curve(runs: list[dict[str, Any]], key: str = "test_error") -> dict[str, lis
     return {"grad_evals": ge, "mean": mean, "se": se}
 
 
-def _same_under_both_budgets(configs: dict[str, dict[str, TrainConfig]], arm: str) -> bool:
-    """Whether ``arm`` trains the identical run under both budgets (SGD, eSGD: one backward
-    pass per minibatch, so equal epochs of data are equal gradient evaluations)."""
-    a, b = configs["grad-evals"].get(arm), configs["epochs"].get(arm)
-    if a is None or b is None or a.optimizer not in ("sgd", "esgd"):
-        return False
-    return a.replace(budget="epochs") == b
-
-
-#: passes over the data per optimizer step at equal epochs, relative to SGD (multi-pass arms)
 def _passes(cfg: TrainConfig) -> int:
     """Gradient evaluations per data sample at equal epochs: rSGD ``y``, SAM 2, SGD/eSGD 1."""
     return {"rsgd": cfg.num_replicas, "sam": 2}.get(cfg.optimizer, 1)
