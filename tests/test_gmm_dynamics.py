@@ -11,47 +11,6 @@ import pytest
 
 from flatminima.gmm import classifier_error, hebbian, sample
 from flatminima.gmm.cli import register
-from flatminima.gmm.dynamics import DynamicsConfig, train_linear
-
-
-def test_rsgd_single_replica_equals_sgd_and_learns():
-    X, y, v = sample(50, 4.0, 1.0, seed=0)
-    a = train_linear(X, y, DynamicsConfig(algorithm="sgd", epochs=4, n_evals=4), seed=1)
-    b = train_linear(
-        X,
-        y,
-        DynamicsConfig(algorithm="rsgd", num_replicas=1, gamma=3.0, epochs=4, n_evals=4),
-        seed=1,
-    )
-    np.testing.assert_array_equal(a.w, b.w)  # y = 1: the coupling vanishes exactly
-    assert classifier_error(a.w[-1], 0.0, v, 1.0) < 0.4  # far below chance (0.5)
-
-
-def test_error_objective_stays_on_sphere_and_learns():
-    X, y, v = sample(50, 4.0, 1.0, seed=0)
-    for alg in ("rsgd", "esgd"):
-        tr = train_linear(
-            X,
-            y,
-            DynamicsConfig(algorithm=alg, objective="error", gamma=1.0, epochs=4, n_evals=3),
-            seed=0,
-        )
-        eps = classifier_error(tr.w[-1], 0.0, v, 1.0)
-        assert eps < 0.4, (alg, eps)
-    sgd = train_linear(X, y, DynamicsConfig(objective="error", epochs=2, n_evals=2), seed=0)
-    np.testing.assert_allclose(np.linalg.norm(sgd.w, axis=1), np.sqrt(50), rtol=1e-10)
-
-
-def test_config_rejects_bad_values():
-    X, y, _ = sample(10, 1.0, 1.0, seed=0)
-    for kw, name in [
-        (dict(algorithm="adam"), "algorithm"),
-        (dict(gamma=-1.0), "gamma"),
-        (dict(objective="mse"), "objective"),
-        (dict(num_replicas=0), "num_replicas"),
-    ]:
-        with pytest.raises(ValueError, match=name):
-            train_linear(X, y, DynamicsConfig(**kw))
 
 
 def test_cli_quick_is_resumable(tmp_path, capsys):
@@ -125,7 +84,7 @@ def test_fastdyn_full_batch_step_is_gradient_descent_on_logistic_loss():
     p, n = X.shape
     r = run_grid(X, y, "sgd", "logistic", [dict(lr=0.7)], epochs=1, steps_per_epoch=1, n_evals=1)
     # independent reconstruction: same initialisation, one exact full-batch gradient step
-    u0 = np.random.default_rng([0, 11]).standard_normal(n) / np.sqrt(n)
+    u0 = np.random.default_rng([0, 12]).standard_normal(n) / np.sqrt(n)
     eta = 0.7 * p / (n * np.mean(np.sum(X * X, 1)) / n)
     h = (X * y[:, None]) @ u0
     grad = -(expit(-h) * y) @ X / p
@@ -151,7 +110,7 @@ def test_fastdyn_error_objective_tangent_gradient_matches_finite_differences():
     r = run_grid(
         X, y, "sgd", "error", [dict(lr=lr, temp1=1.0)], epochs=1, steps_per_epoch=1, n_evals=1
     )
-    u0 = np.random.default_rng([0, 11]).standard_normal(n) / np.sqrt(n)
+    u0 = np.random.default_rng([0, 12]).standard_normal(n) / np.sqrt(n)
     u0 /= np.linalg.norm(u0)
     E = lambda u: np.mean(expit(-((X * y[:, None]) @ u) / np.linalg.norm(u)))  # noqa: E731
     g = np.array([(E(u0 + 1e-6 * e) - E(u0 - 1e-6 * e)) / 2e-6 for e in np.eye(n)])
