@@ -234,6 +234,25 @@ def test_data_parallel_baselines_equal_doubled_batch(two_procs: dict[str, Any], 
     assert other["final"]["test_error"] == pytest.approx(single["final"]["test_error"])
 
 
+def test_distributed_run_folder_is_one_run_folder(two_procs: dict[str, Any]) -> None:
+    """The one RunFolder: marker of the run's config, status, and the one load_run (a
+    data-parallel run loads rank 0's model in one process; an rSGD one is refused clearly)."""
+    from flatminima.train.loop import load_run
+    from flatminima.train.run_folder import RunFolder, config_hash
+
+    root = two_procs["root"]
+    folder = RunFolder(root / "dist-sgd")
+    cfg = TrainConfig.from_yaml(folder.file(RunFolder.CONFIG))
+    assert folder.marker()["config_hash"] == config_hash(cfg) and folder.is_complete(cfg)
+    trainer = load_run(folder.path)
+    from flatminima.train import evaluate
+
+    _, err = evaluate(trainer.eval_models()["model"], trainer.data.test)
+    assert err == pytest.approx(two_procs["dist"]["sgd"]["final"]["test_error"])
+    with pytest.raises(ValueError, match="distributed rSGD checkpoint"):
+        load_run(root / "dist-rsgd")
+
+
 def test_rsgd_three_processes_equal_single_process(tmp_path: Path) -> None:
     cfg = cfg_of(num_replicas=3, coupling_every=2, nesterov=True, bn="recalibrate")
     single = train(cfg, tmp_path / "single")
