@@ -278,3 +278,16 @@ def test_cli_no_tune_skips_the_tuning_spec_and_takes_an_executor(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*args[:-3], "--executor", "ray"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_weak_or_missing_tuning_split_before_training(tmp_path):
+    weak = {"tuning": {"seeds": [7, 8], "val_size": 300, "space": SPACE}}
+    with pytest.raises(ValueError, match="mostly noise"):
+        compare(tmp_path, preset=digits_preset(weak), optimizers=["sgd", "sam"], seeds=2)
+    none = {"tuning": {"seeds": 3, "val_size": 0, "space": SPACE}}
+    with pytest.raises(ValueError, match="validation split"):
+        compare(tmp_path, preset=digits_preset(none), optimizers=["sgd", "sam"], seeds=2)
+    bad = {"tuning": {"seeds": 3, "space": {**SPACE, "sam": {"rho": [0.01, -1.0]}}}}
+    with pytest.raises(ValueError, match="rho"):
+        compare(tmp_path, preset=digits_preset(bad), optimizers=["sgd", "sam"], seeds=2)
+    assert not any(tmp_path.iterdir())

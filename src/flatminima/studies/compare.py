@@ -377,7 +377,7 @@ def _tuning_seeds(plan: ComparePlan) -> list[int]:
 
 def _check_tuning(plan: ComparePlan) -> None:
     """Parse every arm's search space and check equal effort (before any training)."""
-    from flatminima.studies.tune import SearchSpace, planned_trials
+    from flatminima.studies.tune import SearchSpace, check_selection, planned_trials
 
     spec = plan.tuning or {}
     _tuning_seeds(plan)
@@ -387,12 +387,35 @@ def _check_tuning(plan: ComparePlan) -> None:
     counts = {}
     for arm in plan.arms:
         space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
-        counts[arm] = planned_trials(space, plan.configs[plan.budgets[0]][arm])
+        base = _tuning_base(plan, arm, plan.budgets[0])
+        counts[arm] = planned_trials(space, base)
+        for key, vals in {**space.grid, **space.then}.items():
+            for v in vals:
+                base.replace(**{key: v})  # a bad value fails here, naming it
+    if base.val_size >= 1:  # a count: checked now (a fraction is checked when tuning starts)
+        check_selection(len(_tuning_seeds(plan)), int(base.val_size), bool(spec.get("allow_weak")))
     if len(set(counts.values())) > 1:
         raise ValueError(
             f"Unequal tuning effort: planned trials per arm {counts}; give every arm the same "
             "number (grid points plus follow-up values)"
         )
+
+
+def _tuning_base(plan: ComparePlan, arm: str, budget: str) -> TrainConfig:
+    """The config an arm is tuned from at ``budget`` (the tuning spec's validation split).
+
+    Raises:
+        ValueError: no validation split (tuning never reads the test set).
+    """
+    base = arm_config(plan.preset, arm, {**plan.overrides, "budget": budget})
+    val = (plan.tuning or {}).get("val_size")
+    base = base.replace(val_size=val) if val is not None else base
+    if base.val_size <= 0:
+        raise ValueError(
+            f"Invalid tuning val_size {base.val_size!r}: tuning needs a validation split "
+            "(study.tuning.val_size, e.g. 5000); the test set is never used for selection"
+        )
+    return base
 
 
 def _finish_configs(plan: ComparePlan) -> None:
@@ -448,9 +471,7 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
     for b in plan.budgets:
         report[b] = {}
         for arm in plan.arms:
-            base = arm_config(plan.preset, arm, {**plan.overrides, "budget": b})
-            if spec.get("val_size") is not None:
-                base = base.replace(val_size=spec["val_size"])
+            base = _tuning_base(plan, arm, b)
             if b == "epochs" and base.optimizer in ("sgd", "esgd") and "grad-evals" in report:
                 report[b][arm] = report["grad-evals"][arm]
                 continue

@@ -58,6 +58,7 @@ __all__ = [
     "MIN_SEEDS",
     "MIN_VAL",
     "ArmTuning",
+    "check_selection",
     "TuneResult",
     "grid_points",
     "planned_trials",
@@ -390,7 +391,13 @@ def _edges(trials: list[dict[str, Any]], values: dict[str, list[Any]]) -> list[s
     return [ax for ax, vals in values.items() if _step_beyond(vals, chosen[ax]) is not None]
 
 
-def _check_selection(n_seeds: int, n_val: int, allow_weak: bool) -> bool:
+def check_selection(n_seeds: int, n_val: int, allow_weak: bool) -> bool:
+    """Whether a selection is weak (< 3 seeds and < 5000 validation images); raise unless
+    ``allow_weak`` (then log a warning).
+
+    Raises:
+        ValueError: a weak selection that is not allowed (the message says what to add).
+    """
     weak = n_seeds < MIN_SEEDS and n_val < MIN_VAL
     if weak:
         msg = (
@@ -441,7 +448,7 @@ def tune_arm(
         )
     splits = DataCache().get(base.replace(seed=seeds[0]))
     n_val = len(splits.val) if splits.val is not None else 0
-    weak = _check_selection(len(seeds), n_val, allow_weak)
+    weak = check_selection(len(seeds), n_val, allow_weak)
     keys = [*space.grid, *space.then]
     out = Path(out_dir)
     search = _Search(
