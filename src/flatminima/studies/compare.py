@@ -752,6 +752,7 @@ def _flat_rows(
                     "sigma": s,
                     "pairs": t.pop("n"),
                     **t,
+                    "mean": _clean(t["mean"]),
                 }
                 if kind != "final":
                     gaps = [m[1] for m in matched if math.isfinite(m[1])]

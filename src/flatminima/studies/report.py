@@ -284,7 +284,8 @@ def _budget_section(result: CompareResult, b: str) -> list[str]:
             "Paired local energy ΔE(σ) against SGD (`win`: flatter). `final`: SGD's final "
             "network; `matched train error`: for each seed, SGD's evaluation point whose "
             "training error is closest to the arm's final training error (ties: the later "
-            "point; its ΔE measured during training on the same subset), mean gap "
+            "point; its ΔE measured during training on the same subset, noise seeded by the "
+            "run seed), mean gap "
             "`train_error_gap`. No equivalence margin: not significant is `unsettled`.",
             "",
             format_table(
