@@ -345,6 +345,24 @@ def test_resume_with_another_layout_is_refused(two_procs: dict[str, Any], tmp_pa
     assert set(info.value.errors) == {0, 1, 2, 3}
 
 
+def test_locked_run_folder_is_refused_on_every_rank(tmp_path: Path) -> None:
+    from flatminima.train.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.lock.acquire()  # another writer (this test process) holds the folder
+    try:
+        with pytest.raises(LaunchError) as info:
+            _launch(2, [(cfg_of(), str(folder.path), 1, None)], terminate_on_failure=False)
+    finally:
+        folder.close()
+    errors = info.value.errors
+    assert set(errors) == {0, 1}
+    assert all(f"being written by pid {os.getpid()}" in text for text in errors.values())
+    assert "RunFolderLocked" in errors[0] and "main process could not start" in errors[1]
+    assert sorted(p.name for p in folder.path.iterdir()) == []  # nothing written
+
+
 # ---------------------------------------------------------------------------- validation
 
 

@@ -268,7 +268,8 @@ def train_distributed(
         ctx = init_distributed(1, world, device=cfg.device, timeout=timeout, backend=backend)
     try:
         eff = cfg.replace(batch_size=cfg.batch_size * ctx.procs_per_replica, device=str(ctx.device))
-        summary = DistributedTrainer(eff, out_dir, ctx, data=data, progress=progress).run()
+        trainer = DistributedTrainer(eff, out_dir, ctx, data=data, progress=progress)
+        summary: dict[str, Any] | None = trainer.run()
         if not ctx.is_main:
             summary = None
     except BaseException:

@@ -465,7 +465,8 @@ class Trainer:
             batch_size=cfg.eval_batch_size,
         )
         out = {}
-        for s, de, dl in zip(res.sigmas, res.delta_error, res.delta_loss):
+        errors = res.delta_error if res.delta_error is not None else [math.nan] * len(res.sigmas)
+        for s, de, dl in zip(res.sigmas, errors, res.delta_loss):
             out[f"local_energy_error_s{s:g}"] = float(de)
             out[f"local_energy_loss_s{s:g}"] = float(dl)
         return out
@@ -532,7 +533,7 @@ class Trainer:
                 self.folder.close()
             if error is not None:
                 raise error
-            raise ResumeMismatchError(f"the main process could not start: {decision['error']}")
+            raise RunFolderError(f"the main process could not start: {decision['error']}")
         if decision["finished"] is not None:
             return decision["finished"], None
         return None, self.sync.distribute(unpacked)

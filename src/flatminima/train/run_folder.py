@@ -159,7 +159,7 @@ def _atomic(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Write ``path`` through ``path.tmp`` renamed over it; the temporary file never survives."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open(mode, **({"newline": ""} if "b" not in mode else {})) as fh:
+        with tmp.open(mode, newline=None if "b" in mode else "") as fh:
             yield fh
             fh.flush()
         os.replace(tmp, path)
