@@ -382,3 +382,27 @@ def test_compiled_update_agrees(momentum, nesterov):
             assert float((ma - mb).abs().max()) <= 1e-6 * float(ma.abs().max())
     assert float((a - ra.flat_params[0].detach()).abs().max()) == 0.0
     assert not torch.equal(a, b)  # the compiled kernel did run (float32 rounding differs)
+
+
+def test_regroup_layout_and_restore():
+    reps = Replicas(mlp, 3, seed=0)
+    before = [p.detach().clone() for p in reps.parameters()]
+    params = list(reps.parameters())
+    reps.regroup([["0.bias", "2.bias"], ["0.weight", "2.weight"]])
+    assert [tuple(f.shape) for f in reps.flat_params] == [(3, 11), (3, 64)]
+    assert reps.flat_groups == [[0], [1]]
+    assert list(reps.parameters()) == params  # same parameter objects, now views of new buffers
+    assert all(torch.equal(p, q) for p, q in zip(reps.parameters(), before))
+    assert reps[1][2].bias.data_ptr() == reps.flat_params[0][1, 8:].data_ptr()
+    assert reps[1][2].bias.grad.data_ptr() == reps.flat_grads[0][1, 8:].data_ptr()
+    moved = copy.deepcopy(reps).double()  # re-flattening keeps the grouping
+    assert [tuple(f.shape) for f in moved.flat_params] == [(3, 11), (3, 64)]
+    for bad, match in [([["0.bias"]], "parameters in no group"),
+                       ([["nope"], ["0.bias", "2.bias", "0.weight", "2.weight"]], "unknown"),
+                       ([["0.bias", "0.bias", "2.bias", "0.weight", "2.weight"]], "repeated")]:
+        with pytest.raises(ValueError, match=match):
+            reps.regroup(bad)
+        assert [tuple(f.shape) for f in reps.flat_params] == [(3, 11), (3, 64)]
+    reps.regroup(None)
+    assert [tuple(f.shape) for f in reps.flat_params] == [(3, 75)] and reps.flat_groups == [[0]]
+    assert all(torch.equal(p, q) for p, q in zip(reps.parameters(), before))

@@ -136,7 +136,8 @@ class Replicas(nn.Module):
         keys: list[tuple[int, torch.dtype, torch.device]] = []
         layout: list[tuple[str, int, int, int, torch.Size]] = []
         sizes: list[int] = []
-        for name, p in ref:
+        # buffers ordered by group, then by first appearance (a stable sort: default unchanged)
+        for name, p in sorted(ref, key=lambda item: group_of[item[0]]):
             key = (group_of[name], p.dtype, p.device)
             if key not in keys:
                 keys.append(key)
@@ -185,7 +186,8 @@ class Replicas(nn.Module):
 
         Each group is a list of parameter names (as in ``replicas[0].named_parameters()``) that
         together cover every trainable parameter once; ``None`` restores the default layout
-        (one buffer per dtype/device). Buffers of a group are ordered by (dtype, device). The
+        (one buffer per dtype/device). :attr:`flat_params` are ordered by group, then by
+        (dtype, device) in order of first appearance; :attr:`flat_groups` maps them. The
         parameter objects stay the same; an optimizer built earlier on :attr:`flat_params`
         no longer sees them (build it afterwards, as :class:`ReplicatedSGD` does).
 
@@ -222,8 +224,13 @@ class Replicas(nn.Module):
         return out
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Replicas:
+        # Re-flatten only when the parameters moved to new storage (a real .to()/.double()): a
+        # no-op .to() (frameworks call model.to(device) after the optimizer exists) must keep
+        # the flat buffers that the optimizer holds.
+        before = [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
         super()._apply(fn, recurse)
-        if hasattr(self, "_layout"):
+        after = [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
+        if hasattr(self, "_layout") and after != before:
             self._flatten()
         return self
 
