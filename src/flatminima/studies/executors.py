@@ -184,7 +184,8 @@ class SubmititExecutor(Executor):
         folder: submitit's log and pickle folder.
         cluster: ``"slurm"``, ``"local"`` (subprocesses here), ``"debug"`` (this process) or
             ``None`` (submitit picks SLURM when available, else local).
-        runs_per_job: runs trained one after the other in one job (fewer, longer jobs).
+        runs_per_job: runs trained one after the other in one job (fewer, longer jobs). In
+            submitit's local mode every job starts at once: this bounds the processes.
         threads: torch threads of each job (default ``cpus_per_task``).
         parameters: submitit parameters, e.g. ``timeout_min``, ``cpus_per_task``,
             ``gpus_per_node``, ``mem_gb``, ``slurm_partition``, ``slurm_array_parallelism``.
