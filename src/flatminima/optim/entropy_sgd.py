@@ -590,6 +590,9 @@ class EntropySGD(Optimizer):
                 One batch per step: a pass with inf/nan is skipped (no Langevin step; it still
                 counts in :attr:`grad_evals`) and the scale is updated once per call.
 
+        A closure that raises leaves the parameters as they were before the call (full step:
+        back to ``x``, the outer step abandoned; one batch per step: nothing was changed yet).
+
         Returns:
             Full step: the mean inner loss (a detached tensor), or None if the closure returns
             None. One batch per step: the closure's return value (None without a closure).
