@@ -17,7 +17,11 @@ settings of one repeat one after the other (interleaved repeats):
   out of reach, so every run does exactly ``M`` products (and restarts once the basis is full).
 
 Peak = the process's resident-set high-water mark (``VmHWM``; ``ru_maxrss`` where there is no
-/proc) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. "Solver" memory is the peak
+/proc) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. On the CPU the settings run with
+glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed (``--mmap-threshold``, 128 KiB), so that every tensor
+of a vector's size is mmapped and returned to the system when freed: the high-water mark then
+counts live tensors, not what glibc's heap kept of freed ones (with the dynamic default the
+``hvp`` baseline alone varied by 15 MB between identical runs). "Solver" memory is the peak
 above the ``hvp`` baseline, also given in vectors of ``D`` float32 entries.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,9 +103,12 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, mmap_threshold: int) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if mmap_threshold > 0:  # glibc: large blocks mmapped and returned to the OS when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"setting {spec} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -125,7 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, list[dict]]:
     res: dict[str, list[dict]] = {name: [] for name, _ in todo}
     for rep in range(args.repeats):
         for name, spec in todo:
-            r = run_child(spec)
+            r = run_child(spec, args.mmap_threshold)
             res[name].append(r)
             print(f"  repeat {rep + 1}/{args.repeats} {name:<24} peak {r['peak'] / MB:9.1f} MB "
                   f"{r['n_hvp']:4d} products {r['seconds']:7.1f} s", flush=True)  # fmt: skip
@@ -143,9 +151,10 @@ def report(args: argparse.Namespace, res: dict[str, list[dict]]) -> None:
         peaks = [r["peak"] for r in runs]
         above = [p - b for p, b in zip(peaks, base)]
         solver_vectors[name] = tuple(v / vec for v in stats(above))
+        mb, nv = (fmt_stats(above, 1 / MB, 1), fmt_stats(above, 1 / vec, 1)) if name not in (
+            "model", "hvp") else ("-", "-")  # fmt: skip
         print(f"{name:<26}{runs[0]['n_hvp']:>9}  {fmt_stats(peaks, 1 / MB, 1):<24}"
-              f"{fmt_stats(above, 1 / MB, 1):<26}{fmt_stats(above, 1 / vec, 1):<22}"
-              f"{fmt_stats([r['seconds'] for r in runs], 1, 1):>7}")  # fmt: skip
+              f"{mb:<26}{nv:<22}{fmt_stats([r['seconds'] for r in runs], 1, 1):>7}")  # fmt: skip
     lo_cap, hi_cap = min(args.max_iter), max(args.max_iter)
     print(f"\npeak(max_iter {hi_cap}) / peak(max_iter {lo_cap}), per repeat (target <= 1.10):")
     for k in args.k:
@@ -194,6 +203,11 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, nargs=2, default=[20, 100], help="caps (20 100)")
     ap.add_argument("--ncv", type=int, default=None, help="Lanczos basis (default max(2k+1,20))")
     ap.add_argument("--repeats", type=int, default=2, help="fresh-process repeats (2)")
+    ap.add_argument(
+        "--mmap-threshold", type=int, default=131072,
+        help="glibc MALLOC_MMAP_THRESHOLD_ of the settings' processes, bytes (131072); 0: "
+        "glibc's dynamic default, whose heap keeps freed tensors and blurs the high-water mark",
+    )  # fmt: skip
     ap.add_argument("--check-wrn", action="store_true", help="count WRN-28-10's parameters")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,7 +221,7 @@ def main() -> None:
     print(f"# bench_hessian: {env_line(args.device)}")
     print(f"# resnet18 width {args.width}, {args.samples} samples, batch {args.batch_size}, "
           f"k {args.k}, max_iter {args.max_iter}, {args.repeats} repeats, one process per "
-          "setting")  # fmt: skip
+          f"setting, MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'dynamic'}")  # fmt: skip
     report(args, measure(args))
 
 

@@ -132,10 +132,10 @@ def bench_rsgd(args, device) -> None:
             # y SGD steps per repetition, so the ratio compares equal work
             sgd_fn = fns["sgd"]
             fns["sgd"] = lambda sgd_fn=sgd_fn, y=y: [sgd_fn() for _ in range(y)] and None
-            t = interleaved(fns, args.repeats, device)
+            times = interleaved(fns, args.repeats, device)
             print(
-                f"{name:<10}{y:>3}  {ms(t['sgd'], y):<22}{ms(t['rsgd']):<22}"
-                f"{ratio(t['rsgd'], t['sgd']):<22}"
+                f"{name:<10}{y:>3}  {ms(times['sgd'], y):<22}{ms(times['rsgd']):<22}"
+                f"{ratio(times['rsgd'], times['sgd']):<22}"
             )
 
 
@@ -167,10 +167,11 @@ def bench_esgd(args, device) -> None:
                 return loss
 
             fns[key] = lambda opt=opt, closure=closure: opt.step(closure) and None
-        t = interleaved(fns, args.repeats, device)
+        times = interleaved(fns, args.repeats, device)
         print(
-            f"{name:<10}{ms(t['sgd']):<22}{ms(t['esgd']):<22}{ratio(t['esgd'], t['sgd']):<22}"
-            f"{ms(t['esgd0']):<22}{ratio(t['esgd0'], t['sgd']):<22}"
+            f"{name:<10}{ms(times['sgd']):<22}{ms(times['esgd']):<22}"
+            f"{ratio(times['esgd'], times['sgd']):<22}"
+            f"{ms(times['esgd0']):<22}{ratio(times['esgd0'], times['sgd']):<22}"
         )
 
 
@@ -184,10 +185,10 @@ def bench_vmap(args, device) -> None:
             ra = Replicas(make(name), y, seed=0).to(device)
             rb = Replicas(make(name), y, seed=0).to(device)
             fns = {"loop": rsgd_step_fn(ra, x, t, "loop"), "vmap": rsgd_step_fn(rb, x, t, "vmap")}
-            t = interleaved(fns, args.repeats, device)
+            times = interleaved(fns, args.repeats, device)
             print(
-                f"{name:<10}{y:>3}  {ms(t['loop']):<22}{ms(t['vmap']):<22}"
-                f"{ratio(t['vmap'], t['loop']):<22}"
+                f"{name:<10}{y:>3}  {ms(times['loop']):<22}{ms(times['vmap']):<22}"
+                f"{ratio(times['vmap'], times['loop']):<22}"
             )
 
 
@@ -239,10 +240,10 @@ def bench_update(args, device) -> None:
         "flat": flat,
         "copy": lambda: dst.copy_(src),
     }
-    t = interleaved(fns, args.repeats, device)
+    times = interleaved(fns, args.repeats, device)
     print(f"{'kernel':<12}{'ms':<26}{'/ copy':<22}")
-    for k, v in t.items():
-        print(f"{k:<12}{fmt_stats(v, 1e3, 3):<26}{fmt_triple(ratio_stats(v, t['copy']), 1, 2):<22}")
+    for k, v in times.items():
+        print(f"{k:<12}{fmt_stats(v, 1e3, 3):<26}{ratio(v, times['copy']):<22}")
 
 
 # ----------------------------------------------------------------------------- main

@@ -46,7 +46,7 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _VALID_METHODS = ("lanczos", "power")
 _VALID_WHICH = ("LA", "SA", "LM")
-_MIN_CHUNK = 1 << 15  # columns per float64 chunk in the Lanczos dot products (at least)
+_MIN_CHUNK = 1 << 12  # columns per float64 chunk in the Lanczos dot products (at least)
 _LOG_EVERY_S = 10.0  # INFO progress interval of long Lanczos runs
 
 
@@ -216,8 +216,9 @@ class _ThickRestartLanczos:
     restarts as ``diag(theta_i)`` bordered by the couplings ``beta s_{m,i}``. A Ritz pair's residual
     norm is ``|beta s_{m,i}|``; it is converged when that is ``<= tol * max(|theta_i|,
     eps^(2/3) ||T||)`` (ARPACK's test, ``eps`` of the basis dtype). Memory: ``(m + 1) D``
-    basis entries plus chunk buffers of ``m * max(2^15, D/64)`` float64 entries, whatever the
-    number of steps. Dot products accumulate in float64 even when the basis is float32.
+    basis entries plus transient chunk buffers of a few ``m x max(4096, D/64)`` blocks (at most
+    about ``m / 12`` float32 vectors of length ``D``), whatever the number of steps. Dot products
+    accumulate in float64 even when the basis is float32.
     """
 
     def __init__(
