@@ -109,6 +109,8 @@ def test_a_users_own_files_are_never_overwritten(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunFolderError, match="not a folder"):
         train(small_cfg(), tmp_path / "file")
+    with pytest.raises(RunFolderError, match="/dev/null exists and is not a folder"):
+        train(small_cfg(), "/dev/null")
 
 
 def test_cli_refuses_a_foreign_folder_with_one_line(tmp_path):
