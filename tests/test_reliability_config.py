@@ -103,6 +103,7 @@ def test_ints_accept_whole_numbers_only():
         ("label_noise", 1.0, ["label_noise", "[0, 1)"]),
         ("val_size", 10.5, ["val_size", "whole number"]),
         ("gamma", 1e39, ["gamma", "3.4e38"]),
+        ("flatness_samples", 0, ["flatness_samples", ">= 1"]),  # was "data is empty" mid-run
     ],
 )
 def test_bad_values_one_line_naming_key_value_and_valid(key, value, words):
