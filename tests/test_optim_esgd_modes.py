@@ -389,3 +389,16 @@ def test_sparse_gradient_changes_nothing():
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip((*lin.parameters(), emb.weight), before))
     assert opt.inner_count == 0 and opt.grad_evals == 0 and not opt.state[lin.weight]
+
+
+def test_replicated_sgd_state_is_refused_by_esgd_and_sam():
+    from flatminima.optim import Replicas, ReplicatedSGD
+
+    reps = Replicas(lambda: make_model(), 2, seed=0)
+    rsgd = ReplicatedSGD(reps, lr=0.1, gamma=0.1)
+    sd = rsgd.state_dict()
+    m = make_model()
+    with pytest.raises(ValueError, match="not an EntropySGD state"):
+        EntropySGD(m.parameters(), lr=0.1, inner_steps=2, gamma=0.1).load_state_dict(sd)
+    with pytest.raises(ValueError, match="replicated_sgd"):
+        SAM(m.parameters(), torch.optim.SGD, lr=0.1).load_state_dict(sd)
