@@ -262,3 +262,21 @@ def test_property_any_mapping_gives_a_typed_config_or_one_error_line(values):
     for f in dataclasses.fields(cfg):
         assert _type_ok(f.name, getattr(cfg, f.name)), (f.name, getattr(cfg, f.name))
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_shipped_preset_gives_valid_typed_configs():
+    import yaml
+
+    from flatminima.studies.presets import list_presets, packaged_presets_dir
+
+    checked = 0
+    for name in list_presets():
+        path = packaged_presets_dir() / f"{name}.yaml"
+        if not path.is_file() or "grid" in (yaml.safe_load(path.read_text()) or {}):
+            continue  # a study grid, not a preset
+        preset = load_preset(path)
+        for arm in preset.arms:
+            cfg = arm_config(preset, arm)
+            assert isinstance(cfg.lr, float) and isinstance(cfg.batch_size, int)
+            checked += 1
+    assert checked >= 10
