@@ -96,8 +96,11 @@ def _prox(loss: str, u: np.ndarray, V: float) -> tuple[np.ndarray, np.ndarray]:
         return t, dt
     # logistic, l(t) = log(1 + e^-t): solve t - u - V sigma(-t) = 0 (increasing in t) by
     # safeguarded Newton on the bracket [u, u + V].
+    # Bisection where Newton leaves the bracket or does not halve its step (it can cycle
+    # between two points inside the bracket); a converged point sits on its bracket and stays.
     lo, hi = u.copy(), u + V
     t = u + V * expit(-u) / (1.0 + V * 0.25)
+    prev = np.full_like(u, np.inf)
     for _ in range(100):
         s = expit(-t)
         g = t - u - V * s
@@ -105,9 +108,11 @@ def _prox(loss: str, u: np.ndarray, V: float) -> tuple[np.ndarray, np.ndarray]:
         hi = np.where(g > 0, t, hi)
         step = g / (1.0 + V * s * (1.0 - s))
         t_new = t - step
-        bad = (t_new <= lo) | (t_new >= hi)
+        tol = 1e-13 * (1.0 + np.max(np.abs(t)))
+        bad = (t_new < lo) | (t_new > hi) | ((np.abs(step) > 0.5 * prev) & (np.abs(step) >= tol))
         t_new = np.where(bad, 0.5 * (lo + hi), t_new)
-        if np.max(np.abs(t_new - t)) < 1e-13 * (1.0 + np.max(np.abs(t))):
+        prev = np.abs(t_new - t)
+        if np.max(np.abs(t_new - t)) < tol:
             t = t_new
             break
         t = t_new
