@@ -303,6 +303,7 @@ def _check(argv: list[str]) -> None:
 _FUZZ = settings(
     max_examples=150,
     derandomize=True,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

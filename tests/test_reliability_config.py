@@ -249,6 +249,7 @@ def _type_ok_scalar(kind: type, value: object) -> bool:
 @settings(
     max_examples=300,
     derandomize=True,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
