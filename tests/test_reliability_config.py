@@ -133,6 +133,9 @@ def test_unknown_key_suggests_the_closest():
     _one_line_naming(info.value, "'gama'", "did you mean gamma")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("lr")
+    with pytest.raises(ConfigError, match="did you mean seed"):
+        TrainConfig().replace(seeds=3)
+    assert TrainConfig().replace(seed="3").seed == 3
 
 
 # ----------------------------------------------------------------------- lists and mappings

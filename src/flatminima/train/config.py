@@ -157,6 +157,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied (unknown keys are a :class:`ConfigError`)."""
+        for key in changes:
+            check_key(key)
         cfg = dataclasses.replace(self, **changes)
         cfg.validate()
         return cfg
