@@ -362,3 +362,31 @@ def test_property_study_clis_valid_or_one_error_line(_study_stubs, data):
         "data": ["data", "--root", "no-data-here"],
     }[command]
     _check(data.draw(_argv(command, prefix)))
+
+
+_YAML_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _TEXTS,
+    st.lists(st.one_of(st.floats(), _TEXTS), max_size=3),
+)
+
+
+@_FUZZ
+@given(
+    values=st.dictionaries(
+        st.one_of(st.sampled_from(sorted(TrainConfig.__dataclass_fields__)), _TEXTS),
+        _YAML_VALUES,
+        max_size=3,
+    ),
+    raw=st.one_of(st.none(), _TEXTS, st.sampled_from(["lr: [", "- 1\n- 2", "a: b: c", "\t"])),
+)
+def test_property_config_files_valid_or_one_error_line(values, raw):
+    import yaml
+
+    text = raw if raw is not None else yaml.safe_dump(values)
+    Path("fuzz.yaml").write_text(text, encoding="utf-8")
+    SEEN.clear()
+    _check(["train", "--out", "fuzz-run", "--config", "fuzz.yaml"])
