@@ -499,13 +499,13 @@ class Trainer:
             raise failure from exc
 
     def _run(self, max_epochs: int | None) -> dict[str, Any]:
-        finished, state = self._start()
-        if finished is not None:
-            log.info("%s is finished (%s); nothing to do", self.out_dir, finished["status"])
-            if finished["status"] == "diverged":
-                raise DivergenceError(finished.get("message") or "the run diverged")
-            return finished
         try:
+            finished, state = self._start()
+            if finished is not None:
+                log.info("%s is finished (%s); nothing to do", self.out_dir, finished["status"])
+                if finished["status"] == "diverged":
+                    raise DivergenceError(finished.get("message") or "the run diverged")
+                return finished
             if state is not None:
                 self.load_state_dict(state)
                 log.info("resumed %s at epoch %d (step %d)", self.out_dir, self.epoch, self.step)
