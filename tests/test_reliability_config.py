@@ -151,6 +151,10 @@ def test_list_keys_from_every_form():
     assert coerce("model_kwargs", "width=16,batchnorm=true") == {"width": 16, "batchnorm": True}
     assert coerce("model_kwargs", "{width: 16}") == {"width": 16}
     assert coerce("data_kwargs", "null") == {}
+    want = {"num_train": 2000, "delta": 0.1}
+    assert coerce("data_kwargs", "num_train=2000,delta=1e-1") == want  # YAML 1.1: "1e-1" is text
+    assert coerce("data_kwargs", "{num_train: 2000, delta: 1e-1}") == want
+    assert coerce("data_kwargs", {"num_train": 2000, "delta": "1e-1"}) == want
 
 
 def test_optional_keys_take_null_words():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,9 +210,6 @@ _FLOAT32_MAX = 3.4028234663852886e38
 _SEED_MAX = 2**32 - 1
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
 def _rng(
     low: float | None = None,
     high: float | None = None,
@@ -385,10 +381,7 @@ def parse_value(text: str) -> Any:
         >>> parse_value("1e-3"), parse_value("true"), parse_value("[1, 2]")
         (0.001, True, [1, 2])
     """
-    out = _values.yaml_scalar(text)
-    if isinstance(out, str) and _NUMBER.match(out.strip()):
-        return float(out)
-    return out
+    return _values.number_or_text(_values.yaml_scalar(text))
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -18,12 +18,15 @@ Example:
     (0.001, 7, True)
     >>> to_list("flatness_sigmas", "0.1,0.2", to_float)
     [0.1, 0.2]
+    >>> to_mapping("model_kwargs", "width=16,dropout=1e-1")
+    {'width': 16, 'dropout': 0.1}
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -193,7 +196,17 @@ def to_mapping(key: str, value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise fail(key, value, valid, _kind(value))
-    return dict(value)
+    return {k: number_or_text(v) for k, v in value.items()}
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def number_or_text(value: Any) -> Any:
+    """A string that spells a decimal number (``1e-3``, ``.5``) as a float, else unchanged."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
 
 
 def one_line(err: BaseException | str) -> str:
