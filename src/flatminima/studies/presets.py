@@ -321,5 +321,13 @@ def parse_grid(spec: str | dict[str, Any]) -> dict[str, list[Any]]:
             raise ConfigError(f"Invalid grid key {key!r}: {err}") from None
         if not vals:
             raise ValueError(f"Grid key {key!r} has no values")
-        grid[key] = [coerce(key, v) for v in vals]
+        grid[key] = [_grid_value(key, v) for v in vals]
     return grid
+
+
+def _grid_value(key: str, value: Any) -> Any:
+    """``coerce(key, value)``, but a whole number stays an int (``epochs: 2`` names its run
+    folders ``epochs=2`` as before; the config still gets ``2.0``)."""
+    out = coerce(key, value)
+    keep = isinstance(value, int) and not isinstance(value, bool) and out == value
+    return value if keep else out
