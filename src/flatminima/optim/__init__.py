@@ -11,7 +11,8 @@ sam     ``SAM``                                 required         no        2
 
 "required" means ``step(closure)`` must be used (or the phase API: ``inner_step``/``outer_step``
 for Entropy-SGD, ``first_step``/``second_step`` for SAM). Every flatminima optimizer counts
-gradient evaluations in ``grad_evals`` (saved in its ``state_dict``).
+gradient evaluations in ``grad_evals`` (saved in its ``state_dict``). These facts live in one
+place, :data:`flatminima.optim.registry.REGISTRY`, which every other module reads.
 
 Without a closure (a plain ``loss.backward(); opt.step()`` loop, Lightning, the Hugging Face
 Trainer): ``EntropySGD(..., one_batch_per_step=True)`` makes every ``step()`` one Langevin step on
@@ -21,6 +22,7 @@ step may use any base optimizer (``base_optimizer=torch.optim.AdamW``), as SAM's
 """
 
 from flatminima.optim.entropy_sgd import EntropySGD
+from flatminima.optim.registry import REGISTRY, OptimizerSpec, optimizer_spec
 from flatminima.optim.replicated import Replicas, ReplicatedSGD, update_bn
 from flatminima.optim.replicated_module import ReplicatedModule
 from flatminima.optim.sam import SAM, disable_running_stats, enable_running_stats
@@ -37,20 +39,21 @@ from flatminima.optim.schedules import (
     linear_gamma,
 )
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "esgd", "rsgd", "sam")
-"""Registry names of the optimizers (see the table above)."""
+OPTIMIZERS: tuple[str, ...] = tuple(REGISTRY)
+"""Registry names of the optimizers (a view of :data:`~flatminima.optim.registry.REGISTRY`)."""
 
 OPTIMIZER_CAPABILITIES: dict[str, dict[str, bool]] = {
-    "sgd": {"needs_closure": False, "needs_replicas": False},
-    "esgd": {"needs_closure": True, "needs_replicas": False},
-    "rsgd": {"needs_closure": False, "needs_replicas": True},
-    "sam": {"needs_closure": True, "needs_replicas": False},
+    name: {"needs_closure": spec.needs_closure, "needs_replicas": spec.needs_replicas}
+    for name, spec in REGISTRY.items()
 }
-"""Capability flags per registry name."""
+"""Capability flags per registry name (a view of the registry)."""
 
 __all__ = [
     "OPTIMIZERS",
     "OPTIMIZER_CAPABILITIES",
+    "REGISTRY",
+    "OptimizerSpec",
+    "optimizer_spec",
     "EntropySGD",
     "Replicas",
     "ReplicatedSGD",
