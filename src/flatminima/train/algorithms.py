@@ -1,9 +1,12 @@
 """One adapter per algorithm, so that a single training loop drives all of them.
 
 An :class:`Algorithm` owns the model(s), the optimizer and the coupling schedule, and knows how many
-minibatches and gradient evaluations one optimizer step takes. The loop hands it a ``next_batch``
-callable (``next_batch(stream)`` returns the next ``(x, y)`` of data stream ``stream``: one stream,
-or one per replica for rSGD) and asks it for the models to evaluate.
+minibatches (per data stream) and backward passes one optimizer step takes, from its entry
+``spec`` in :data:`flatminima.optim.registry.REGISTRY` (a pass: one backward pass of one minibatch;
+samples through backward = passes x batch size). The loop hands it a ``next_batch`` callable
+(``next_batch(stream)`` returns the next ``(x, y)`` of data stream ``stream``: one stream, or one
+per replica for rSGD) and asks it for the models to evaluate. :data:`ALGORITHMS` holds one adapter
+per registry name (a test checks that they agree).
 
 Gradient clipping (``cfg.grad_clip = max_norm``): every adapter rescales each minibatch gradient
 ``g`` of one network, after backward and before the optimizer uses it, to
@@ -21,12 +24,13 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatminima.optim.registry import REGISTRY, OptimizerSpec, optimizer_spec
 from flatminima.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -85,12 +89,15 @@ def clip_grad_norm_rows_(grads: Sequence[torch.Tensor], max_norm: float) -> torc
 class Algorithm:
     """Base adapter: a plain model trained by a torch optimizer (SGD)."""
 
-    name = "sgd"
+    #: the registry entry this adapter trains
+    spec: ClassVar[OptimizerSpec] = REGISTRY["sgd"]
+    name = spec.name
     #: data streams (independent shuffles) the algorithm draws from
     num_streams = 1
-    #: minibatches drawn from each stream per optimizer step
+    #: minibatches drawn from each stream per optimizer step (``spec.minibatches_per_step``)
     batches_per_step = 1
-    #: backward passes (minibatch gradient evaluations) per optimizer step, over all copies
+    #: backward passes of one minibatch per optimizer step, over all copies
+    #: (``spec.passes_per_step``); samples through backward per step = this x batch size
     passes_per_step = 1
 
     def __init__(
@@ -102,9 +109,11 @@ class Algorithm:
 
     # ------------------------------------------------------------------ building blocks
     def _init_common(self, cfg: TrainConfig, device: torch.device) -> None:
-        """Settings every adapter shares: config, device, mixed precision, coupling schedule."""
+        """Settings every adapter shares: config, device, step cost, mixed precision, coupling."""
         self.cfg = cfg
         self.device = device
+        self.batches_per_step = self.spec.minibatches_per_step(cfg)
+        self.passes_per_step = self.spec.passes_per_step(cfg)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.gamma_scheduler: Any = None
@@ -203,14 +212,8 @@ class Algorithm:
 
 
 class EntropySGDAlgorithm(Algorithm):
-    name = "esgd"
-
-    def __init__(
-        self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
-    ) -> None:
-        self.batches_per_step = cfg.inner_steps
-        self.passes_per_step = cfg.inner_steps
-        super().__init__(cfg, model_factory, device)
+    spec = REGISTRY["esgd"]
+    name = spec.name
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         from flatminima.optim import EntropySGD
@@ -253,8 +256,8 @@ class EntropySGDAlgorithm(Algorithm):
 
 
 class SAMAlgorithm(Algorithm):
-    name = "sam"
-    passes_per_step = 2
+    spec = REGISTRY["sam"]
+    name = spec.name
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         from flatminima.optim import SAM
@@ -295,7 +298,8 @@ class SAMAlgorithm(Algorithm):
 
 
 class ReplicatedSGDAlgorithm(Algorithm):
-    name = "rsgd"
+    spec = REGISTRY["rsgd"]
+    name = spec.name
 
     def __init__(
         self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
@@ -304,7 +308,6 @@ class ReplicatedSGDAlgorithm(Algorithm):
 
         self._init_common(cfg, device)
         self.num_streams = cfg.num_replicas
-        self.passes_per_step = cfg.num_replicas
         self.replicas = Replicas(
             model_factory, cfg.num_replicas, init=cfg.replica_init, seed=cfg.seed
         ).to(device)
@@ -380,21 +383,32 @@ def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_s
     )
 
 
+_ADAPTERS: tuple[type[Algorithm], ...] = (
+    Algorithm,
+    EntropySGDAlgorithm,
+    ReplicatedSGDAlgorithm,
+    SAMAlgorithm,
+)
+
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    "sgd": Algorithm,
-    "esgd": EntropySGDAlgorithm,
-    "rsgd": ReplicatedSGDAlgorithm,
-    "sam": SAMAlgorithm,
+    name: cls for name in REGISTRY for cls in _ADAPTERS if cls.spec.name == name
 }
+"""registry name -> adapter class, in registry order (one adapter per registry entry)."""
 
 
 def build_algorithm(
     cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
 ) -> Algorithm:
+    """The adapter of ``cfg.optimizer``.
+
+    Raises:
+        ValueError: a name not in the registry, or a registry entry without an adapter.
+    """
+    spec = optimizer_spec(cfg.optimizer)
     try:
-        cls = ALGORITHMS[cfg.optimizer]
+        cls = ALGORITHMS[spec.name]
     except KeyError:
         raise ValueError(
-            f"Unknown optimizer {cfg.optimizer!r}; valid: {', '.join(ALGORITHMS)}"
+            f"Optimizer {spec.name!r} has no training adapter; valid: {', '.join(ALGORITHMS)}"
         ) from None
     return cls(cfg, model_factory, device)

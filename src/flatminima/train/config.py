@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from flatminima.optim.registry import REGISTRY
 from flatminima.train import values as _values
 from flatminima.train.values import ConfigError, show
 
-OPTIMIZER_NAMES = ("sgd", "esgd", "rsgd", "sam")
+OPTIMIZER_NAMES = tuple(REGISTRY)  # the optimizer registry decides the valid names
 LR_SCHEDULES = ("constant", "cosine", "step")
 BUDGETS = ("grad-evals", "epochs")
 AMP_MODES = ("none", "bf16", "fp16")
