@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from flatminima.optim.registry import REGISTRY
 from flatminima.train.config import TrainConfig, parse_override
 
 _HELP = {
@@ -25,7 +26,7 @@ _HELP = {
     "model": "mlp, cnn, resnet18, wrn, or timm:NAME / torchvision:NAME",
     "model_kwargs": "model options, e.g. 'width=16,batchnorm=true' or a YAML mapping",
     # optimisation
-    "optimizer": "sgd, esgd, rsgd or sam",
+    "optimizer": "; ".join(f"{name}: {spec.description}" for name, spec in REGISTRY.items()),
     "lr": "learning rate (> 0), e.g. 0.05 or 1e-3",
     "momentum": "heavy-ball momentum (>= 0)",
     "nesterov": "Nesterov momentum (needs momentum > 0)",
@@ -127,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train one network (sgd, esgd, rsgd, sam) into a run folder",
+        help=f"train one network ({', '.join(REGISTRY)}) into a run folder",
         description="Train one network. The run folder gets config.yaml, metrics.csv, "
         "checkpoint.pt (every epoch) and summary.json; running the same command again "
         "resumes an interrupted run and skips a finished one.",
@@ -153,8 +154,11 @@ def register(subparsers: Any) -> None:
     dist.add_argument(
         "--distributed",
         action="store_true",
-        help="one replica per process on torch.distributed (rsgd), or data-parallel "
-        "baselines (sgd, esgd, sam)",
+        help="one replica per process on torch.distributed ("
+        + ", ".join(n for n, s in REGISTRY.items() if s.needs_replicas)
+        + "), or data-parallel baselines ("
+        + ", ".join(n for n, s in REGISTRY.items() if not s.needs_replicas)
+        + ")",
     )
     dist.add_argument(
         "--procs-per-replica",
