@@ -158,7 +158,7 @@ _SPECS = (
     OptimizerSpec(
         name="esgd",
         optimizer=EntropySGD,
-        description="Entropy-SGD: inner_steps Langevin steps, then an outer step",
+        description="Entropy-SGD (inner_steps Langevin steps per outer step)",
         passes="inner_steps",
         minibatches="inner_steps",
         needs_closure=True,
@@ -171,7 +171,7 @@ _SPECS = (
     OptimizerSpec(
         name="rsgd",
         optimizer=ReplicatedSGD,
-        description="Replicated-SGD: num_replicas replicas coupled to their centre",
+        description="Replicated-SGD (num_replicas replicas coupled to their centre)",
         passes="num_replicas",
         minibatches=1,
         needs_closure=False,
@@ -184,7 +184,7 @@ _SPECS = (
     OptimizerSpec(
         name="sam",
         optimizer=SAM,
-        description="SAM: an ascent step of radius rho, then the descent step",
+        description="SAM (an ascent step of radius rho, then the descent step)",
         passes=2,
         minibatches=1,
         needs_closure=True,
