@@ -2,8 +2,11 @@
 
 One *cell* is ``(N, Delta, rho, alpha, seed)``: one training set, on which every estimator is
 fitted. Its test error is the exact ``eps_g`` of :mod:`flatminima.gmm.theory` (computed with the
-true centre ``v``, which no estimator or stopping rule sees). Gaps are paired: ``gap_heb`` is
-``eps_g - eps_g(Hebbian)`` on the same data.
+true centre ``v``, which no estimator or stopping rule sees). Gaps are paired on the same data:
+``gap_heb = eps_g - eps_g(Hebbian)`` and ``gap_bayes = eps_g - eps_g(finite-N Bayes-optimal
+classifier)``, which differ only when ``rho != 0.5`` (the Hebbian has no bias and is then not
+Bayes-optimal); ``gap_bo`` is to the N -> infinity Bayes-optimal error. A fit at chance
+(training error within 2 SE of 1/2) or without finite non-zero weights is flagged ``collapsed``.
 
 Stopping rules (training data only):
 
@@ -26,11 +29,12 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from flatminima.gmm.data import check_model_args, sample
-from flatminima.gmm.estimators import erm_hinge, erm_logistic, erm_square, hebbian
+from flatminima.gmm.estimators import bayes_optimal, erm_hinge, erm_logistic, erm_square, hebbian
 from flatminima.gmm.fastdyn import run_grid
 from flatminima.gmm.flatness import angle_deg, local_energy, sigma_at_error, training_error
 from flatminima.gmm.free_entropy import DEFAULT_BETA, DEFAULT_GAMMA, local_free_entropy
@@ -46,6 +50,9 @@ __all__ = [
     "read_rows",
     "summarize",
     "CSV_FIELDS",
+    "Fit",
+    "collapse_threshold",
+    "default_estimators",
     "THEORY_ESTIMATORS",
     "theory_curves",
 ]
@@ -53,7 +60,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RIDGE = 1e-4
-CLOSED = ("hebbian", "square_ridge", "logistic_ridge", "hinge_ridge", "max_margin")
+CLOSED = ("hebbian", "bayes_optimal", "square_ridge", "logistic_ridge", "hinge_ridge", "max_margin")
+#: the coupling cap (fastdyn's ``max_lr_gamma``) of the scoped rSGD variants, whose gamma_t
+#: grows x1000 over training; every other dynamical estimator runs the library's update as is
+SCOPED_MAX_LR_GAMMA = 1.0
 
 _LR6 = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _LR2 = (0.2, 1.0)
@@ -97,7 +107,9 @@ CSV_FIELDS = [
     "eps_bo",
     "gap_bo",
     "gap_heb",
+    "gap_bayes",
     "train_error",
+    "collapsed",
     "local_energy",
     "sigma_star",
     "free_entropy",
@@ -109,6 +121,24 @@ CSV_FIELDS = [
     "grad_evals",
     "hparams",
 ]
+
+
+class Fit(NamedTuple):
+    """One fitted classifier of a cell: ``sign(w . x / sqrt(N) + b)`` and how it was chosen."""
+
+    name: str
+    stop: str
+    w: np.ndarray
+    b: float
+    epoch: float
+    grad_evals: int
+    hparams: str
+
+
+def default_estimators(rho: float) -> tuple[str, ...]:
+    """The default estimators: the finite-N Bayes-optimal classifier is added when
+    ``rho != 0.5`` (at 0.5 it is the Hebbian direction, a duplicate in the rankings)."""
+    return DEFAULT_ESTIMATORS + (("bayes_optimal",) if rho != 0.5 else ())
 
 
 @dataclass
@@ -138,8 +168,10 @@ class StudyConfig:
         if not isinstance(self.n_features, int) or self.n_features < 2:
             raise ValueError(f"Invalid n_features value: {self.n_features!r} (expected >= 2)")
         check_model_args(self.delta, self.rho)
-        if not self.alphas or any(not (a > 0) for a in self.alphas):
-            raise ValueError(f"Invalid alphas: {list(self.alphas)!r} (expected values > 0)")
+        if not self.alphas or any(not (0 < a < math.inf) for a in self.alphas):
+            raise ValueError(
+                f"Invalid alphas: {list(self.alphas)!r} (expected finite values > 0)"
+            )
         if not self.seeds or any(int(s) < 0 for s in self.seeds):
             raise ValueError(f"Invalid seeds: {list(self.seeds)!r} (expected ints >= 0)")
         bad = [e for e in self.estimators if e not in ESTIMATORS]
@@ -168,13 +200,17 @@ def _fit_dynamics(
 
     Returns ``(stop, w, epoch, grad_evals, hparams)`` for ``stop`` in ``val`` (configuration
     and checkpoint jointly minimising the validation error, earliest on ties) and ``final``
-    (configuration minimising the validation error at the end of the budget).
+    (configuration minimising the validation error at the end of the budget). A checkpoint
+    whose weights are not finite (a diverged configuration) is never chosen; if every one is,
+    the returned ``w`` is not finite and the fit is reported as collapsed.
     """
     alg, obj, scoped, grid = DYNAMICS[name]
-    kw = dict(epochs=cfg.epochs, num_replicas=cfg.num_replicas, scoped=scoped, seed=seed)
+    kw = dict(epochs=cfg.epochs, num_replicas=cfg.num_replicas, scoped=scoped, seed=seed,
+              max_lr_gamma=SCOPED_MAX_LR_GAMMA if scoped else None)
     tune = run_grid(X[trn], y[trn], alg, obj, grid, **kw)  # type: ignore[arg-type]
-    h = np.einsum("ckn,vn->ckv", tune.w, X[val] * y[val, None])
-    val_err = (h <= 0).mean(-1)  # [C, K]
+    with np.errstate(invalid="ignore"):
+        h = np.einsum("ckn,vn->ckv", tune.w, X[val] * y[val, None])
+    val_err = np.where(np.isfinite(tune.w).all(-1), (h <= 0).mean(-1), np.inf)  # [C, K]
     c_val, k_val = np.unravel_index(int(np.argmin(val_err)), val_err.shape)
     k_fin = int(np.argmin(val_err[-1]))
     chosen = sorted({int(k_val), k_fin})
@@ -187,78 +223,114 @@ def _fit_dynamics(
     return out
 
 
-def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object]]:
-    """Fit every estimator of ``cfg`` on one training set; return one row per (estimator, stop)."""
+def _closed_form(cfg: StudyConfig, name: str, X: np.ndarray, y: np.ndarray) -> Fit | None:
+    """The closed-form / convex estimator ``name`` (None: max-margin on non-separable data)."""
     fit_b = cfg.rho != 0.5
-    X, y, v = sample(cfg.n_features, alpha, cfg.delta, cfg.rho, seed=seed)
+    if name == "hebbian":
+        c = hebbian(X, y)
+    elif name == "bayes_optimal":
+        c = bayes_optimal(X, y, cfg.delta, cfg.rho)
+    elif name == "square_ridge":
+        c = erm_square(X, y, RIDGE, fit_b)
+    elif name == "logistic_ridge":
+        c = erm_logistic(X, y, RIDGE, fit_b)
+    elif name == "hinge_ridge":
+        c = erm_hinge(X, y, RIDGE, fit_b)
+    else:  # max_margin
+        try:
+            c = erm_hinge(X, y, 0.0, fit_b)
+        except ValueError:
+            return None  # not separable: the max-margin estimator does not exist
+    hp = f"lam={RIDGE:g}" if "ridge" in name else ""
+    return Fit(name, "closed", c.w, c.b, float("nan"), 0, hp)
+
+
+def _fits(cfg: StudyConfig, X: np.ndarray, y: np.ndarray, seed: int) -> list[Fit]:
+    """Every estimator of ``cfg`` fitted on ``(X, y)`` (dynamics: both stopping rules)."""
     p = X.shape[0]
     perm = np.random.default_rng([seed, 7]).permutation(p)
     n_val = max(1, round(cfg.val_fraction * p))
     val, trn = perm[:n_val], perm[n_val:]
-    fits: list[
-        tuple[str, str, np.ndarray, float, float, int, str]
-    ] = []  # name, stop, w, b, ep, evals, hp
+    fits: list[Fit] = []
     for name in cfg.estimators:
-        if name == "hebbian":
-            c = hebbian(X, y)
-        elif name == "square_ridge":
-            c = erm_square(X, y, RIDGE, fit_b)
-        elif name == "logistic_ridge":
-            c = erm_logistic(X, y, RIDGE, fit_b)
-        elif name == "hinge_ridge":
-            c = erm_hinge(X, y, RIDGE, fit_b)
-        elif name == "max_margin":
-            try:
-                c = erm_hinge(X, y, 0.0, fit_b)
-            except ValueError:
-                continue  # not separable: the max-margin estimator does not exist
-        else:
+        if name in DYNAMICS:
             for stop, w, ep, ge, hp in _fit_dynamics(cfg, name, X, y, trn, val, seed):
-                fits.append((name, stop, w, 0.0, ep, ge, hp))
-            continue
-        fits.append(
-            (name, "closed", c.w, c.b, float("nan"), 0, f"lam={RIDGE:g}" if "ridge" in name else "")
+                fits.append(Fit(name, stop, w, 0.0, ep, ge, hp))
+        else:
+            fit = _closed_form(cfg, name, X, y)
+            if fit is not None:
+                fits.append(fit)
+    return fits
+
+
+def collapse_threshold(p: int) -> float:
+    """Training error from which a fit counts as collapsed: within 2 binomial SE of chance,
+    ``0.5 - 2 sqrt(0.25 / P)`` (a linear classifier without bias at chance errs on half)."""
+    return 0.5 - 2.0 * math.sqrt(0.25 / p)
+
+
+def _is_degenerate(w: np.ndarray) -> bool:
+    """Weights that define no usable classifier: not finite, zero, or a squared norm that
+    overflows (a diverged run)."""
+    with np.errstate(all="ignore"):
+        return not np.isfinite(w).all() or not 0 < float(w @ w) < math.inf
+
+
+def _flatness(cfg: StudyConfig, f: Fit, X: np.ndarray, y: np.ndarray, target: float,
+              seed: int) -> dict[str, float]:
+    """Flatness columns of one fit (nan for degenerate weights)."""
+    nan = float("nan")
+    out = dict(local_energy=nan, sigma_star=nan, free_entropy=nan, free_entropy_se=nan)
+    if _is_degenerate(f.w):
+        return out
+    out["local_energy"] = local_energy(f.w, f.b, X, y, cfg.local_energy_sigma)
+    out["sigma_star"] = sigma_at_error(f.w, f.b, X, y, target)
+    if cfg.free_entropy:
+        fe = local_free_entropy(
+            f.w, f.b, X, y, gamma=cfg.free_entropy_gamma, beta=cfg.free_entropy_beta, seed=seed
         )
+        out["free_entropy"], out["free_entropy_se"] = fe.phi, fe.phi_se
+    return out
+
+
+def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object]]:
+    """Fit every estimator of ``cfg`` on one training set; return one row per (estimator, stop).
+
+    ``gap_bayes`` is paired to the finite-N Bayes-optimal classifier
+    (:func:`flatminima.gmm.estimators.bayes_optimal`, with its bias) on the same data, which is
+    the Hebbian direction with ``b = 0`` when ``rho = 0.5`` (then ``gap_bayes = gap_heb``).
+    A fit is ``collapsed`` when its weights are not finite or zero (``eps_g`` and the flatness
+    columns are then empty) or its training error is at chance (:func:`collapse_threshold`).
+    """
+    X, y, v = sample(cfg.n_features, alpha, cfg.delta, cfg.rho, seed=seed)
+    fits = _fits(cfg, X, y, seed)
     eps_bo = bayes_optimal_error(alpha, cfg.delta, cfg.rho)
     w_heb = hebbian(X, y).w
     eps_heb = classifier_error(w_heb, 0.0, v, cfg.delta, cfg.rho)
-    train_errs = [training_error(w, b, X, y) for _, _, w, b, *_ in fits]
-    target = min(0.45, max(train_errs) + 0.05)
+    bo = bayes_optimal(X, y, cfg.delta, cfg.rho)
+    eps_bayes = classifier_error(bo.w, bo.b, v, cfg.delta, cfg.rho)
+    nan = float("nan")
+    train_errs = [nan if _is_degenerate(f.w) else training_error(f.w, f.b, X, y) for f in fits]
+    chance = collapse_threshold(X.shape[0])
+    collapsed_fits = [not tr < chance for tr in train_errs]  # nan (degenerate) included
+    kept = [tr for tr, c in zip(train_errs, collapsed_fits) if not c]
+    target = min(0.45, max(kept, default=0.0) + 0.05)  # matched error of the non-collapsed fits
     rows = []
-    for (name, stop, w, b, ep, ge, hp), tr in zip(fits, train_errs):
-        eps = classifier_error(w, b, v, cfg.delta, cfg.rho)
-        m, q = overlaps(w, v)
-        fe_phi = fe_se = float("nan")
-        if cfg.free_entropy:
-            fe = local_free_entropy(
-                w, b, X, y, gamma=cfg.free_entropy_gamma, beta=cfg.free_entropy_beta, seed=seed
-            )
-            fe_phi, fe_se = fe.phi, fe.phi_se
+    for f, tr, collapsed in zip(fits, train_errs, collapsed_fits):
+        degenerate = _is_degenerate(f.w)
+        eps = nan if degenerate else classifier_error(f.w, f.b, v, cfg.delta, cfg.rho)
+        m, q = (nan, nan) if degenerate else overlaps(f.w, v)
+        if collapsed:
+            log.warning("collapsed fit: %s (%s) at alpha=%g, seed=%d (train error %.3f)",
+                        f.name, f.stop, alpha, seed, tr)
         rows.append(
-            dict(
-                n_features=cfg.n_features,
-                delta=cfg.delta,
-                rho=cfg.rho,
-                alpha=alpha,
-                seed=seed,
-                estimator=name,
-                stop=stop,
-                eps_g=eps,
-                eps_bo=eps_bo,
-                gap_bo=eps - eps_bo,
-                gap_heb=eps - eps_heb,
-                train_error=tr,
-                local_energy=local_energy(w, b, X, y, cfg.local_energy_sigma),
-                sigma_star=sigma_at_error(w, b, X, y, target),
-                free_entropy=fe_phi,
-                free_entropy_se=fe_se,
-                angle_heb=angle_deg(w, w_heb),
-                m=m,
-                q=q,
-                stop_epoch=ep,
-                grad_evals=ge,
-                hparams=hp,
-            )
+            dict(n_features=cfg.n_features, delta=cfg.delta, rho=cfg.rho, alpha=alpha,
+                 seed=seed, estimator=f.name, stop=f.stop, eps_g=eps, eps_bo=eps_bo,
+                 gap_bo=eps - eps_bo, gap_heb=eps - eps_heb, gap_bayes=eps - eps_bayes,
+                 train_error=tr, collapsed=int(collapsed),
+                 **_flatness(cfg, f, X, y, target, seed),
+                 angle_heb=nan if degenerate else angle_deg(f.w, w_heb), m=m, q=q,
+                 stop_epoch=f.epoch, grad_evals=f.grad_evals, hparams=f.hparams)
         )
     return rows
 
@@ -352,28 +424,44 @@ def run_study(
     ]
 
 
+_SUMMARY_KEYS = (
+    "eps_g",
+    "gap_bo",
+    "gap_heb",
+    "gap_bayes",
+    "train_error",
+    "local_energy",
+    "sigma_star",
+    "free_entropy",
+    "angle_heb",
+)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the finite values (nan when there are none / one)."""
+    x = x[np.isfinite(x)]
+    mean = float(x.mean()) if x.size else float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return mean, se
+
+
 def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
-    """Mean and standard error per (estimator, stop, alpha) of eps_g, gap_bo, gap_heb, flatness."""
+    """Mean and standard error per (estimator, stop, alpha) of eps_g, the gaps and flatness.
+
+    ``n`` counts the fits, ``n_collapsed`` those flagged ``collapsed``; means are over the fits
+    whose value is finite (a collapsed fit with finite weights is included, one without
+    weights has no ``eps_g``). An empty group gives nan, never a warning.
+    """
     groups: dict[tuple, list[dict[str, object]]] = {}
     for r in rows:
         groups.setdefault((r["estimator"], r["stop"], r["alpha"]), []).append(r)
     out = []
     for (name, stop, alpha), rs in groups.items():
-        s: dict[str, object] = dict(estimator=name, stop=stop, alpha=alpha, n=len(rs))
-        for k in (
-            "eps_g",
-            "gap_bo",
-            "gap_heb",
-            "train_error",
-            "local_energy",
-            "sigma_star",
-            "free_entropy",
-            "angle_heb",
-        ):
-            x = np.array([as_float(r.get(k)) for r in rs], dtype=float)
-            x = x[np.isfinite(x)]
-            s[k] = float(x.mean()) if x.size else float("nan")
-            s[k + "_se"] = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+        n_coll = sum(1 for r in rs if as_float(r.get("collapsed")) == 1.0)
+        s: dict[str, object] = dict(estimator=name, stop=stop, alpha=alpha, n=len(rs),
+                                    n_collapsed=n_coll)
+        for k in _SUMMARY_KEYS:
+            s[k], s[k + "_se"] = _mean_se(np.array([as_float(r.get(k)) for r in rs], dtype=float))
         out.append(s)
     order = {n: i for i, n in enumerate(ESTIMATORS)}
     out.sort(key=lambda s: (order.get(str(s["estimator"]), 99), str(s["stop"]), s["alpha"]))
@@ -388,13 +476,25 @@ THEORY_ESTIMATORS = {
 }
 
 
-def theory_curves(cfg: StudyConfig, n_points: int = 25) -> dict[str, list[ERMTheory]]:
+def theory_curves(
+    cfg: StudyConfig, n_points: int = 25, max_iter: int = 20000
+) -> dict[str, list[ERMTheory]]:
     """Replica-theory learning curves (:mod:`flatminima.gmm.replica`, N -> infinity) of the
-    study's ridge-ERM estimators, on ``n_points`` alphas log-spaced over the study's range."""
-    alphas = np.geomspace(min(cfg.alphas), max(cfg.alphas), n_points).tolist()
-    alphas = sorted(set(alphas) | {float(a) for a in cfg.alphas})
+    study's ridge-ERM estimators, at the study's alphas and ``n_points`` more log-spaced over
+    their range (``n_points = 0``: the study's alphas only); each fixed point is capped at
+    ``max_iter`` iterations (``converged=False`` beyond).
+
+    Raises:
+        ValueError: on ``n_points < 0`` or ``max_iter < 1``.
+    """
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 0:
+        raise ValueError(f"Invalid theory points value: {n_points!r} (expected an int >= 0)")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"Invalid theory max_iter value: {max_iter!r} (expected an int >= 1)")
+    extra = np.geomspace(min(cfg.alphas), max(cfg.alphas), n_points).tolist() if n_points else []
+    alphas = sorted(set(extra) | {float(a) for a in cfg.alphas})
     return {
-        name: erm_learning_curve(loss, alphas, RIDGE, cfg.delta, cfg.rho)
+        name: erm_learning_curve(loss, alphas, RIDGE, cfg.delta, cfg.rho, max_iter=max_iter)
         for name, loss in THEORY_ESTIMATORS.items()
         if name in cfg.estimators
     }

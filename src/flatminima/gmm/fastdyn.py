@@ -377,7 +377,8 @@ class GridDynamics:
 
     def estimator(self) -> np.ndarray:
         """``[K, N]`` estimator ``w = sqrt(N) c`` (the centre; eSGD: ``x``)."""
-        return self.u.mean(0) * math.sqrt(self.u.shape[-1])
+        with np.errstate(all="ignore"):  # non-finite where a configuration diverged
+            return self.u.mean(0) * math.sqrt(self.u.shape[-1])
 
 
 def _project_(v: np.ndarray) -> None:

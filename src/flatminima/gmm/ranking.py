@@ -10,6 +10,9 @@ the pairing on the same data is kept).
 Measures: ``sigma_star`` (noise at which the expected training error reaches the cell's common
 target, i.e. flatness at matched training error) and ``-local_energy`` (raw local energy at a
 fixed ``sigma``).
+
+Fits flagged ``collapsed`` (at chance, or without finite weights) are left out of the means;
+an estimator with no finite value at an alpha is left out of that alpha's tau.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ __all__ = ["FLATNESS_MEASURES", "kendall_by_alpha"]
 # sign: larger = flatter; free_entropy (Phi <= 0 up to errors removed by noise) is measured only
 # with ``--free-entropy``
 FLATNESS_MEASURES = {"sigma_star": 1.0, "local_energy": -1.0, "free_entropy": 1.0}
+
+
+def _col_mean(a: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of the finite entries; nan for a column without any (no warning)."""
+    ok = np.isfinite(a)
+    count = ok.sum(0)
+    total = np.where(ok, a, 0.0).sum(0)
+    return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
 
 
 def _tau(flat: np.ndarray, eps: np.ndarray) -> float:
@@ -73,14 +84,15 @@ def kendall_by_alpha(
         for r in rs:
             i = seeds.index(int(r["seed"]))  # type: ignore[arg-type]
             j = fits.index((str(r["estimator"]), str(r["stop"])))
+            if as_float(r.get("collapsed")) == 1.0:
+                continue  # a collapsed fit is left out (nan)
             flat[i, j] = sign * as_float(r.get(measure))  # nan: not measured in this row
-            eps[i, j] = float(r["eps_g"])  # type: ignore[arg-type]
-        with np.errstate(invalid="ignore"):
-            tau = _tau(np.nanmean(flat, 0), np.nanmean(eps, 0))
-            boot = []
-            for _ in range(n_boot if len(seeds) > 1 else 0):  # one seed: no interval
-                idx = rng.integers(0, len(seeds), len(seeds))
-                boot.append(_tau(np.nanmean(flat[idx], 0), np.nanmean(eps[idx], 0)))
+            eps[i, j] = as_float(r.get("eps_g"))
+        tau = _tau(_col_mean(flat), _col_mean(eps))
+        boot = []
+        for _ in range(n_boot if len(seeds) > 1 else 0):  # one seed: no interval
+            idx = rng.integers(0, len(seeds), len(seeds))
+            boot.append(_tau(_col_mean(flat[idx]), _col_mean(eps[idx])))
         b = np.asarray(boot)
         b = b[np.isfinite(b)]
         lo, hi = np.quantile(b, [0.025, 0.975]) if b.size else (math.nan, math.nan)
