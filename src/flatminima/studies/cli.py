@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flatminima.optim.registry import REGISTRY
 from flatminima.train.config import coerce, parse_override
 from flatminima.train.values import to_float, to_int
 
@@ -158,7 +159,7 @@ def _register_compare(subparsers: Any) -> None:
     p.add_argument(
         "--optimizers",
         type=_names,
-        help="comma-separated optimizers or preset arms (default sgd,esgd,rsgd,sam)",
+        help=f"comma-separated optimizers or preset arms (default {','.join(REGISTRY)})",
     )
     p.add_argument("--seeds", type=_count(1), help="number of paired seeds (default 3)")
     _add_executor(p)
@@ -204,8 +205,19 @@ def _register_tune(subparsers: Any) -> None:
     )
     _add_common(p)
     p.add_argument("--optimizer", required=True, help="optimizer (or preset arm) to tune")
-    p.add_argument("--grid", required=True, help="e.g. 'lr=0.02,0.05,0.1;gamma=1e-3,1e-2'")
-    p.add_argument("--then", help="axes tried at the chosen point, e.g. 'inner_lr=0.05,0.2'")
+    p.add_argument(
+        "--grid",
+        required=True,
+        help="e.g. 'lr=0.02,0.05,0.1;gamma=1e-3,1e-2'; each optimizer's knobs: "
+        + "; ".join(f"{n}: {','.join(s.knobs)}" for n, s in REGISTRY.items()),
+    )
+    p.add_argument(
+        "--then",
+        help="axes tried at the chosen point, e.g. 'inner_lr=0.05,0.2'; follow-up knobs: "
+        + "; ".join(
+            f"{n}: {','.join(s.follow_up_knobs)}" for n, s in REGISTRY.items() if s.follow_up_knobs
+        ),
+    )
     p.add_argument("--seeds", type=_count(1), default=3, help="tuning seeds 0..N-1 (default 3)")
     p.add_argument("--max-extend", type=_count(0), default=2, help="edge extension steps per axis")
     p.add_argument(

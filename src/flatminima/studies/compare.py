@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from flatminima.optim.registry import REGISTRY, optimizer_spec
 from flatminima.studies._runs import (
     DataCache,
     MeasureSettings,
@@ -184,7 +185,7 @@ def compare_configs(
             ``rsgd`` arm.
     """
     if not arms:
-        raise ValueError("No optimizers given; choose from sgd, esgd, rsgd, sam")
+        raise ValueError(f"No optimizers given; choose from {', '.join(REGISTRY)}")
     if len(set(arms)) != len(arms):
         raise ValueError(f"Duplicate optimizers in {list(arms)}")
     over = dict(overrides or {})
@@ -233,9 +234,9 @@ def _curve(runs: list[dict[str, Any]], key: str = "test_error") -> dict[str, lis
     return {"grad_evals": ge, "mean": mean, "se": se}
 
 
-def _passes(cfg: TrainConfig) -> int:
-    """Gradient evaluations per data sample at equal epochs: rSGD ``y``, SAM 2, SGD/eSGD 1."""
-    return {"rsgd": cfg.num_replicas, "sam": 2}.get(cfg.optimizer, 1)
+def _passes_per_sample(cfg: TrainConfig) -> int | float:
+    """Backward passes per data sample at equal epochs (registry): rSGD ``y``, SAM 2, SGD 1."""
+    return optimizer_spec(cfg.optimizer).passes_per_sample(cfg)
 
 
 def control_label(arm: str) -> str:
@@ -269,11 +270,13 @@ class ComparePlan:
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run_of(self, b: str, label: str, s: int) -> tuple[TrainConfig, Path]:
-        """Config and folder of one run (SGD-like arms share their run across budgets)."""
+        """Config and folder of one run (arms whose registry entry has
+        ``same_run_both_budgets``, SGD and eSGD, share their run across budgets)."""
         cfg = self.configs[b][label]
         if b == "epochs" and "grad-evals" in self.configs and label in self.configs["grad-evals"]:
             other = self.configs["grad-evals"][label]
-            if other.optimizer in ("sgd", "esgd") and other.replace(budget="epochs") == cfg:
+            same = optimizer_spec(other.optimizer).same_run_both_budgets
+            if same and other.replace(budget="epochs") == cfg:
                 b, cfg = "grad-evals", other
         return cfg.replace(seed=s), self.out / "runs" / b / label / f"seed{s}"
 
@@ -330,7 +333,7 @@ def plan_compare(
     from flatminima.studies.stats import DEFAULT_MARGIN, tost_p
 
     study = dict(preset.study) if preset is not None else {}
-    arms = list(optimizers or study.get("optimizers") or ["sgd", "esgd", "rsgd", "sam"])
+    arms = list(optimizers or study.get("optimizers") or REGISTRY)
     seed_list = _seed_list(seeds if seeds is not None else study.get("seeds", 3))
     budgets = parse_budget(budget or study.get("budget", "grad-evals"))
     settings.validate()
@@ -377,7 +380,12 @@ def _tuning_seeds(plan: ComparePlan) -> list[int]:
 
 def _check_tuning(plan: ComparePlan) -> None:
     """Parse every arm's search space and check equal effort (before any training)."""
-    from flatminima.studies.tune import SearchSpace, check_selection, planned_trials
+    from flatminima.studies.tune import (
+        SearchSpace,
+        check_search_keys,
+        check_selection,
+        planned_trials,
+    )
 
     spec = plan.tuning or {}
     _tuning_seeds(plan)
@@ -388,6 +396,7 @@ def _check_tuning(plan: ComparePlan) -> None:
     for arm in plan.arms:
         space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
         base = _tuning_base(plan, arm, plan.budgets[0])
+        check_search_keys(space, base.optimizer)
         counts[arm] = planned_trials(space, base)
         for key, vals in {**space.grid, **space.then}.items():
             for v in vals:
@@ -441,7 +450,7 @@ def _finish_configs(plan: ComparePlan) -> None:
         if b != "epochs" or "sgd" not in cfgs or not plan.with_controls:
             continue
         for arm in plan.arms:
-            k = _passes(cfgs[arm])
+            k = _passes_per_sample(cfgs[arm])
             if k > 1:
                 label = control_label(arm)
                 cfgs[label] = cfgs["sgd"].replace(
@@ -472,7 +481,8 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
         report[b] = {}
         for arm in plan.arms:
             base = _tuning_base(plan, arm, b)
-            if b == "epochs" and base.optimizer in ("sgd", "esgd") and "grad-evals" in report:
+            same = optimizer_spec(base.optimizer).same_run_both_budgets
+            if b == "epochs" and same and "grad-evals" in report:
                 report[b][arm] = report["grad-evals"][arm]
                 continue
             space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
@@ -589,7 +599,7 @@ def compare(
     (when the preset has a ``study.tuning`` spec and ``tune`` is not ``False``), the runs through
     ``executor``, :func:`collect` (summaries, collapse flags, local energy in this process),
     :func:`aggregate` (tables and paired tests) and the report. Arguments left ``None`` come from
-    the preset's ``study:`` mapping, else the defaults (sgd/esgd/rsgd/sam, 3 seeds,
+    the preset's ``study:`` mapping, else the defaults (every registry optimizer, 3 seeds,
     ``grad-evals``, sigmas 0.05..0.5, 5 draws, 2000 samples, margin 0.003).
 
     Args:

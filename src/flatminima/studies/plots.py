@@ -7,11 +7,49 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flatminima.optim.registry import REGISTRY
+
 log = logging.getLogger(__name__)
 
-__all__ = ["plot_energy_curves", "plot_learning_curves", "plot_scatter"]
+__all__ = ["arm_colors", "plot_energy_curves", "plot_learning_curves", "plot_scatter"]
 
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
+
+_TAB10 = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
+
+
+def arm_colors(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per label: an optimizer's registry colour (the same in every plot), other
+    labels (controls, preset arms) the remaining Tableau colours in order, cycling.
+
+    Example:
+        >>> arm_colors(["sam", "sgd-large-batch", "sgd"])
+        {'sam': 'tab:red', 'sgd-large-batch': 'tab:purple', 'sgd': 'tab:blue'}
+    """
+    taken = {spec.color for spec in REGISTRY.values()}
+    free = [c for c in _TAB10 if c not in taken] or list(_TAB10)
+    out: dict[str, str] = {}
+    others = 0
+    for label in labels:
+        if label in out:
+            continue
+        if label in REGISTRY:
+            out[label] = REGISTRY[label].color
+        else:
+            out[label] = free[others % len(free)]
+            others += 1
+    return out
 
 
 def _figure(width: float = 6.8, height: float = 4.6, ncols: int = 1) -> Any:
@@ -51,12 +89,13 @@ def plot_learning_curves(
 
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
+    colors = arm_colors(list(curves))
     for arm, c in curves.items():
         if not c["grad_evals"]:
             continue
         x, m, s = (np.asarray(c[k], dtype=float) for k in ("grad_evals", "mean", "se"))
-        (line,) = ax.plot(x, m, marker="o", ms=3, label=arm)
-        ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, lw=0)
+        ax.plot(x, m, marker="o", ms=3, label=arm, color=colors[arm])
+        ax.fill_between(x, m - s, m + s, color=colors[arm], alpha=0.2, lw=0)
     ax.set_xlabel("gradient evaluations (samples through backward)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -87,8 +126,18 @@ def plot_energy_curves(
         raise ValueError("No local-energy curves to plot")
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
+    colors = arm_colors(list(curves))
     for arm, c in curves.items():
-        ax.errorbar(c["sigmas"], c["mean"], yerr=c["se"], marker="o", ms=4, capsize=3, label=arm)
+        ax.errorbar(
+            c["sigmas"],
+            c["mean"],
+            yerr=c["se"],
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=arm,
+            color=colors[arm],
+        )
     ax.set_xlabel("σ (multiplicative weight noise w(1 + σξ))")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -125,13 +174,19 @@ def plot_scatter(
         raise ValueError("Nothing to plot: need points and at least one target")
     labels = dict(labels or {})
     groups = sorted({str(p.get(group)) for p in points})
+    colors = arm_colors(groups)
     fig = _figure(5.2, 4.4, ncols=len(targets))
     axes = fig.subplots(1, len(targets), squeeze=False)[0]
     for ax, target in zip(axes, targets):
         for g in groups:
             sel = [p for p in points if str(p.get(group)) == g]
             ax.scatter(
-                [p[measure] for p in sel], [p[target] for p in sel], s=22, alpha=0.8, label=g
+                [p[measure] for p in sel],
+                [p[target] for p in sel],
+                s=22,
+                alpha=0.8,
+                label=g,
+                color=colors[g],
             )
         ax.set_xlabel(labels.get(measure, measure))
         ax.set_ylabel(labels.get(target, target))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatminima._table import format_table
+from flatminima.optim.registry import REGISTRY
 
 if TYPE_CHECKING:
     from flatminima.studies.compare import CompareResult
@@ -68,29 +69,8 @@ def _budget_suffix(result: CompareResult, budget: str) -> str:
     return "" if len(result.settings["budgets"]) == 1 else f"_{budget}"
 
 
-#: settings that only matter to one algorithm (shown as "-" for the others)
-_SPECIFIC = {
-    "esgd": {
-        "inner_steps",
-        "inner_lr",
-        "noise",
-        "mu_decay",
-        "scale_by_gamma",
-        "gamma",
-        "gamma_growth",
-        "gamma_max",
-    },
-    "rsgd": {
-        "num_replicas",
-        "coupling_every",
-        "replica_init",
-        "bn",
-        "gamma",
-        "gamma_growth",
-        "gamma_max",
-    },
-    "sam": {"rho", "adaptive"},
-}
+#: settings that matter only to some optimizers (shown as "-" for the others), from the registry
+_SPECIFIC = {name: set(spec.settings) for name, spec in REGISTRY.items()}
 
 
 def _differing(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,14 +2,16 @@
 
 Search (:func:`tune_arm`), in stages; every stage's runs go through an executor at once:
 
-1. **grid**: every point of the cartesian product of the arm's primary axes (SGD: ``lr``;
-   eSGD: outer ``lr`` x ``gamma``; rSGD: ``lr`` x ``gamma``; SAM: ``lr`` x ``rho``);
+1. **grid**: every point of the cartesian product of the arm's primary axes (the registry's
+   ``knobs``: SGD ``lr``; eSGD outer ``lr`` x ``gamma``; rSGD ``lr`` x ``gamma``; SAM ``lr`` x
+   ``rho``); a setting only other optimizers read is refused (:func:`check_search_keys`);
 2. **edge extension**: when the chosen point lies on the edge of a numeric axis with at least two
    values, one more value beyond that edge is tried (the point's other values fixed), with the
    grid's step (geometric ``v * v / neighbour`` for positive values, else arithmetic); at most
    ``max_extend`` steps per axis, the same cap for every arm. A chosen point still on an edge
    after the cap is flagged ``on_edge``;
-3. **follow-up axes** (``then``; eSGD: the inner lr): each value tried at the chosen point, then
+3. **follow-up axes** (``then``; the registry's ``follow_up_knobs``, eSGD: the inner lr): each
+   value tried at the chosen point, then
    extended like stage 2. A value equal to the chosen point's own is not run again.
 
 The number of **planned trials** (grid points plus follow-up values) is what equal effort
@@ -48,6 +50,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from flatminima.optim.registry import REGISTRY, optimizer_spec
 from flatminima.studies._runs import DataCache
 from flatminima.studies.presets import Preset, arm_config, arm_optimizer, parse_grid
 from flatminima.train import TrainConfig, read_summary
@@ -58,6 +61,7 @@ __all__ = [
     "MIN_SEEDS",
     "MIN_VAL",
     "ArmTuning",
+    "check_search_keys",
     "check_selection",
     "TuneResult",
     "grid_points",
@@ -183,6 +187,35 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {"grid": self.grid, "then": self.then, "max_extend": self.max_extend}
+
+
+def check_search_keys(space: SearchSpace, optimizer: str) -> None:
+    """Refuse a search over a setting ``optimizer`` never reads: every trial would be one run.
+
+    A key is refused when some registry optimizer reads it (its ``settings``) and
+    ``optimizer`` does not (e.g. ``rho`` for ``sgd``); common settings (``lr``, ``momentum``,
+    ...) are always allowed.
+
+    Raises:
+        ValueError: such a key (the message names the optimizer's own knobs), or an unknown
+            optimizer.
+
+    Example:
+        >>> check_search_keys(SearchSpace({"lr": [0.1], "rho": [0.05]}), "sam")
+        >>> check_search_keys(SearchSpace({"rho": [0.05]}), "sgd")
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid search key(s) ['rho'] for sgd: it never reads them (its knobs: lr)
+    """
+    spec = optimizer_spec(optimizer)
+    specific = set().union(*(s.settings for s in REGISTRY.values()))
+    ignored = sorted(k for k in [*space.grid, *space.then] if k in specific - set(spec.settings))
+    if ignored:
+        knobs = ", ".join(spec.knobs + spec.follow_up_knobs)
+        raise ValueError(
+            f"Invalid search key(s) {ignored} for {optimizer}: it never reads them "
+            f"(its knobs: {knobs})"
+        )
 
 
 def planned_trials(space: SearchSpace, base: TrainConfig) -> int:
@@ -446,6 +479,7 @@ def tune_arm(
             f"Invalid val_size {base.val_size!r}: tuning needs a validation split "
             "(e.g. --val-size 0.1); the test set is never used for selection"
         )
+    check_search_keys(space, base.optimizer)
     splits = DataCache().get(base.replace(seed=seeds[0]))
     n_val = len(splits.val) if splits.val is not None else 0
     weak = check_selection(len(seeds), n_val, allow_weak)
