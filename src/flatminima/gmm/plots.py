@@ -16,6 +16,7 @@ import numpy as np
 
 from flatminima.gmm.experiment import as_float
 from flatminima.gmm.theory import bayes_optimal_error
+from flatminima.optim.registry import REGISTRY
 
 __all__ = ["plot_eps_vs_alpha", "plot_flatness_vs_eps"]
 
@@ -25,11 +26,11 @@ _ALG_STYLE = {  # algorithm prefix -> (colour, marker)
     "logistic_ridge": ("tab:purple", "D"),
     "hinge_ridge": ("tab:pink", "^"),
     "max_margin": ("tab:olive", "v"),
-    "sgd": ("tab:blue", "o"),
-    "avg": ("tab:orange", "s"),
-    "rsgd": ("tab:green", "^"),
+    "sgd": (REGISTRY["sgd"].color, "o"),  # optimizers: their colour in every plot
+    "avg": ("tab:gray", "s"),
+    "rsgd": (REGISTRY["rsgd"].color, "^"),
     "rsgd_scoped": ("tab:red", "v"),
-    "esgd": ("tab:purple", "D"),
+    "esgd": (REGISTRY["esgd"].color, "D"),
 }
 _PANELS = (
     ("closed form", ""),
