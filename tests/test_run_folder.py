@@ -154,7 +154,7 @@ def test_status_of_each_stage(tmp_path):
         train(small_cfg(lr=1e6), diverged.path)
     assert diverged.status() == "diverged" and diverged.is_finished(small_cfg(lr=1e6))
     assert not diverged.is_complete(small_cfg(lr=1e6))
-    with pytest.raises(DivergenceError, match="training loss became"):  # not trained again
+    with pytest.raises(DivergenceError, match="already diverged: training loss became"):
         train(small_cfg(lr=1e6), diverged.path)
 
 

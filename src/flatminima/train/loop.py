@@ -504,7 +504,10 @@ class Trainer:
             if finished is not None:
                 log.info("%s is finished (%s); nothing to do", self.out_dir, finished["status"])
                 if finished["status"] == "diverged":
-                    raise DivergenceError(finished.get("message") or "the run diverged")
+                    raise DivergenceError(
+                        f"{self.out_dir} holds this run, which already diverged: "
+                        f"{finished.get('message') or 'non-finite loss'}"
+                    )
                 return finished
             if state is not None:
                 self.load_state_dict(state)
@@ -688,7 +691,7 @@ class Trainer:
                     f"{self.folder.file(RunFolder.CHECKPOINT)}")
         else:
             msg += "no checkpoint was written (it diverged before the first evaluation point)"
-        log.error(msg)
+        log.info(msg)  # the caller reports it (the CLI prints it, studies log a warning)
         raise DivergenceError(msg)
 
     def _finish(self, status: str, message: str | None = None) -> dict[str, Any]:
