@@ -116,15 +116,9 @@ def _obtain(name: str, root: str | os.PathLike | None, download: bool) -> Path:
     if folder is not None:
         logger.info("%s: using files in %s", name, folder)
         return folder
-    if not download or name not in REMOTE_FILES:
-        hint = (
-            ""
-            if name not in REMOTE_FILES
-            else f" (or run `flatminima data --download {name}`; Python: download=True)"
-        )
+    if not download or name not in REMOTE_FILES:  # how_to_obtain names the download command
         raise DatasetNotFoundError(
-            f"data set {name!r} not found ({explain_missing(name, root)}){hint}. "
-            f"{how_to_obtain(name)}"
+            f"data set {name!r} not found ({explain_missing(name, root)}). {how_to_obtain(name)}"
         )
     return download_dataset(name, root)
 
