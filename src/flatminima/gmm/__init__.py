@@ -16,7 +16,7 @@ from flatminima.gmm.estimators import (
     hebbian,
     is_separable,
 )
-from flatminima.gmm.fastdyn import GridRun, run_grid
+from flatminima.gmm.fastdyn import GridDynamics, GridRun, run_grid
 from flatminima.gmm.flatness import (
     angle_deg,
     local_energy,
@@ -70,6 +70,7 @@ __all__ = [
     "sigma_at_error",
     "angle_deg",
     "GridRun",
+    "GridDynamics",
     "run_grid",
     "FreeEntropyResult",
     "local_free_entropy",

@@ -22,6 +22,7 @@ __all__ = ["plot_eps_vs_alpha", "plot_flatness_vs_eps"]
 
 _ALG_STYLE = {  # algorithm prefix -> (colour, marker)
     "hebbian": ("black", "o"),
+    "bayes_optimal": ("tab:green", "*"),
     "square_ridge": ("tab:brown", "s"),
     "logistic_ridge": ("tab:purple", "D"),
     "hinge_ridge": ("tab:pink", "^"),
@@ -60,6 +61,78 @@ def _style(name: str) -> tuple[str, str]:
     return col, mk
 
 
+def _series(
+    summary: Sequence[dict[str, object]], name: str, stop: str, key: str
+) -> tuple[list[float], list[float], list[float]]:
+    """alpha, 100 x mean and 100 x SE of ``key`` for one fit, sorted by alpha."""
+    pts = sorted(
+        (float(s["alpha"]), float(s[key]), float(s[key + "_se"]))  # type: ignore[arg-type]
+        for s in summary
+        if s["estimator"] == name and s["stop"] == stop
+    )
+    return [p[0] for p in pts], [100 * p[1] for p in pts], [100 * p[2] for p in pts]
+
+
+def _log_alpha_axis(ax: Any, alphas: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+    ax.minorticks_off()
+    ax.set_xlabel("alpha = P / N")
+
+
+def _gap_panel(ax: Any, summary: Sequence[dict[str, object]], j: int, alphas: list[float]) -> None:
+    """Panel ``j`` of :data:`_PANELS`: gap to eps_BO of its family (and the Hebbian)."""
+    ax.axhspan(-0.5, 0.5, color="0.88", zorder=0, label="|gap| < 0.5 pp")
+    ax.axhline(0, color="k", lw=1)
+    for name, stop in sorted({(str(s["estimator"]), str(s["stop"])) for s in summary}):
+        if _family(name) != j and name != "hebbian":
+            continue
+        col, mk = _style(name)
+        a, m, e = _series(summary, name, stop, "gap_bo")
+        ax.errorbar(
+            a, m, yerr=e, ls="--" if stop == "final" else "-", marker=mk, ms=5,
+            lw=2.5 if name == "hebbian" else 1.5, color=col, capsize=2,
+            label=name if stop == "closed" else f"{name} ({stop})",
+            mfc="white" if stop == "final" else col,
+        )  # fmt: skip
+    _log_alpha_axis(ax, alphas)
+    ax.set_title(_PANELS[j][0])
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+
+
+def _theory_lines(
+    axes: Any, theory: Mapping[str, Sequence[Any]], delta: float, rho: float
+) -> None:
+    """Replica-theory curves: gap in the closed-form panel, eps_g in the absolute panel."""
+    for name, pts in theory.items():
+        if not pts:
+            continue
+        col, _ = _style(name)
+        ta = [float(r.alpha) for r in pts]
+        te = [float(r.eps_g) for r in pts]
+        gaps = [100 * (e - bayes_optimal_error(a, delta, rho)) for a, e in zip(ta, te)]
+        kw = dict(ls=":", marker=".", color=col, lw=2)
+        axes[0].plot(ta, gaps, label=f"{name} (replica theory)", **kw)
+        axes[3].plot(ta, [100 * e for e in te], label=f"{name} theory", **kw)
+
+
+def _absolute_panel(
+    ax: Any, summary: Sequence[dict[str, object]], alphas: list[float], delta: float, rho: float
+) -> None:
+    """eps_g of the Hebbian (and the finite-N Bayes classifier, if run) beside eps_BO(alpha)."""
+    grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)
+    eps_bo = [100 * bayes_optimal_error(a, delta, rho) for a in grid]
+    ax.plot(grid, eps_bo, "k-", lw=2, label="Bayes-optimal eps_BO")
+    for name, col in (("hebbian", "tab:blue"), ("bayes_optimal", "tab:green")):
+        a, m, e = _series(summary, name, "closed", "eps_g")
+        if a:
+            ax.errorbar(a, m, yerr=e, fmt="o", color=col, label=f"{name} (simulation)")
+    _log_alpha_axis(ax, alphas)
+    ax.set_ylabel("eps_g (%)")
+    ax.set_title("absolute error")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+
+
 def plot_eps_vs_alpha(
     summary: Sequence[dict[str, object]],
     delta: float,
@@ -69,11 +142,13 @@ def plot_eps_vs_alpha(
 ) -> None:
     """``eps_g - eps_BO`` (mean +- SE over seeds) against alpha, one panel per family; the
     Hebbian (closed panel) and the 0.5 pp band are drawn in every panel; a fourth panel shows
-    ``eps_g`` itself for the Hebbian beside ``eps_BO(alpha)``.
+    ``eps_g`` itself for the Hebbian (and the finite-N Bayes classifier) beside
+    ``eps_BO(alpha)``.
 
     ``theory``: estimator name -> replica-theory points (objects with ``alpha`` and ``eps_g``,
     e.g. :class:`flatminima.gmm.replica.ERMTheory`), drawn as dotted lines in the estimator's
-    colour in the closed-form panel and in the absolute-error panel."""
+    colour in the closed-form panel and in the absolute-error panel (pass converged points
+    only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,80 +156,12 @@ def plot_eps_vs_alpha(
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 5.8), gridspec_kw=dict(width_ratios=[1, 1, 1, 0.8]))
     alphas = sorted({float(s["alpha"]) for s in summary})  # type: ignore[arg-type]
-
-    def series(name: str, stop: str, key: str) -> tuple[list[float], list[float], list[float]]:
-        pts = sorted(
-            (float(s["alpha"]), float(s[key]), float(s[key + "_se"]))  # type: ignore[arg-type]
-            for s in summary
-            if s["estimator"] == name and s["stop"] == stop
-        )
-        return [p[0] for p in pts], [100 * p[1] for p in pts], [100 * p[2] for p in pts]
-
-    fits = sorted({(str(s["estimator"]), str(s["stop"])) for s in summary})
-    for j, (title, _) in enumerate(_PANELS):
-        ax = axes[j]
-        ax.axhspan(-0.5, 0.5, color="0.88", zorder=0, label="|gap| < 0.5 pp")
-        ax.axhline(0, color="k", lw=1)
-        for name, stop in fits:
-            if _family(name) != j and name != "hebbian":
-                continue
-            col, mk = _style(name)
-            a, m, e = series(name, stop, "gap_bo")
-            ls = "--" if stop == "final" else "-"
-            lw = 2.5 if name == "hebbian" else 1.5
-            lab = name if stop == "closed" else f"{name} ({stop})"
-            ax.errorbar(
-                a,
-                m,
-                yerr=e,
-                ls=ls,
-                marker=mk,
-                ms=5,
-                lw=lw,
-                color=col,
-                label=lab,
-                capsize=2,
-                mfc="white" if stop == "final" else col,
-            )
-        ax.set_xscale("log")
-        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
-        ax.minorticks_off()
-        ax.set_xlabel("alpha = P / N")
-        ax.set_title(title)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    for name, pts in (theory or {}).items():
-        col, _ = _style(name)
-        ta = [float(r.alpha) for r in pts]
-        te = [float(r.eps_g) for r in pts]
-        axes[0].plot(
-            ta,
-            [100 * (e - bayes_optimal_error(a, delta, rho)) for a, e in zip(ta, te)],
-            ":",
-            color=col,
-            lw=2,
-            label=f"{name} (replica theory)",
-        )
-        axes[3].plot(ta, [100 * e for e in te], ":", color=col, lw=2, label=f"{name} theory")
+    for j in range(len(_PANELS)):
+        _gap_panel(axes[j], summary, j, alphas)
+    _theory_lines(axes, theory or {}, delta, rho)
     axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axes[0].set_ylabel("eps_g - eps_BO  (pp, mean ± SE over seeds)")
-    ax = axes[3]
-    grid = np.geomspace(min(alphas) * 0.8, max(alphas) * 1.2, 100)
-    ax.plot(
-        grid,
-        [100 * bayes_optimal_error(a, delta, rho) for a in grid],
-        "k-",
-        lw=2,
-        label="Bayes-optimal eps_BO",
-    )
-    a, m, e = series("hebbian", "closed", "eps_g")
-    ax.errorbar(a, m, yerr=e, fmt="o", color="tab:blue", label="Hebbian (simulation)")
-    ax.set_xscale("log")
-    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
-    ax.minorticks_off()
-    ax.set_xlabel("alpha = P / N")
-    ax.set_ylabel("eps_g (%)")
-    ax.set_title("absolute error")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    _absolute_panel(axes[3], summary, alphas, delta, rho)
     fig.suptitle(f"Gaussian mixture, Delta={delta:g}, rho={rho:g}: gap to the Bayes-optimal error")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
