@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -77,6 +78,7 @@ __all__ = [
     "RunFolderError",
     "RunFolderLocked",
     "RunLock",
+    "atomic_writer",
     "config_hash",
     "data_record",
 ]
@@ -164,8 +166,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def _atomic(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Write ``path`` through ``path.tmp`` renamed over it; the temporary file never survives."""
+def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write ``path`` through ``path.tmp`` renamed over it; the temporary file never survives.
+
+    Raises:
+        RunFileError: writing or renaming failed (naming ``path``; disk full hinted).
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open(mode, newline=None if "b" in mode else "") as fh:
@@ -181,8 +187,6 @@ def _atomic(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 def _looks_like_full_disk(exc: BaseException) -> bool:
-    import errno
-
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return True
     text = str(exc)
@@ -317,7 +321,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------ writing
     def write_text(self, name: str, text: str) -> None:
-        with _atomic(self.file(name)) as fh:
+        with atomic_writer(self.file(name)) as fh:
             fh.write(text)
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -335,7 +339,7 @@ class RunFolder:
         keys: list[str] = []
         for row in rows:
             keys += [k for k in row if k not in keys]
-        with _atomic(self.file(self.METRICS)) as fh:
+        with atomic_writer(self.file(self.METRICS)) as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
@@ -344,7 +348,7 @@ class RunFolder:
         """``torch.save`` to ``checkpoint.pt`` atomically; first checks this process still
         holds the lock when it took it (a suspended process may have lost it)."""
         self.lock.check()
-        with _atomic(self.file(self.CHECKPOINT), "wb") as fh:
+        with atomic_writer(self.file(self.CHECKPOINT), "wb") as fh:
             torch.save(obj, fh)
 
     # ------------------------------------------------------------------ reuse and lock
@@ -679,8 +683,3 @@ class RunLock:
         if found is not None and (found[0] or {}).get("token") == self._info["token"]:
             self.path.unlink(missing_ok=True)
         self._info = None
-
-
-def atomic_writer(path: Path, mode: str = "w") -> Any:
-    """Context manager writing ``path`` atomically (see the module docstring)."""
-    return _atomic(path, mode)
