@@ -246,7 +246,9 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "tune", "study", "data"])
+@pytest.mark.parametrize(
+    "command", ["train", "compare", "tune", "study", "data", "flatness", "gmm"]
+)
 def test_every_flag_has_a_help_text(command):
     sub = _subparsers()[command]
     flags = [a for a in sub._actions if a.option_strings]
