@@ -392,3 +392,16 @@ def test_property_config_files_valid_or_one_error_line(values, raw):
     Path("fuzz.yaml").write_text(text, encoding="utf-8")
     SEEN.clear()
     _check(["train", "--out", "fuzz-run", "--config", "fuzz.yaml"])
+
+
+def test_truncated_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A real 1-epoch run, its checkpoint cut in half: the error names the file, no traceback."""
+    import flatminima.train.loop as loop
+
+    monkeypatch.setattr(loop, "train", REAL_TRAIN)
+    run_dir = tmp_path / "ck"
+    rc, _, err = run([*T, "--train-subset", "300", "--out", str(run_dir)])
+    assert rc == 0, err
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    assert_one_line_error(["flatness", str(run_dir)], "flatminima flatness: error:", str(ckpt))
