@@ -11,9 +11,10 @@ A run folder holds:
     written atomically after every epoch: model(s), optimizer, schedulers, RNG and data-order
     state, metrics history. A killed run resumes from it and ends with the same numbers;
 ``summary.json``
-    the final result (``status`` is ``complete`` or ``diverged``).
+    the final result (``status`` is ``complete`` or ``diverged``);
 
-The folder's file names, reuse rules, lock and atomic writes live in
+plus the marker ``run.json`` (config hash, data files) and, while a process trains it, the lock
+``run.lock``. The folder's file names, reuse rules, lock and atomic writes live in
 :mod:`flatminima.train.run_folder`; how several processes share one run is the trainer's
 synchronisation strategy (:class:`LocalSync` here, ``TorchDistributedSync`` in
 :mod:`flatminima.distributed.trainer`).
