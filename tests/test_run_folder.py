@@ -354,11 +354,12 @@ def test_data_files_are_recorded_and_their_loss_is_a_clear_error(tmp_path, monke
 
     data = tmp_path / "data" / "fashion-mnist"
     _idx_folder(data)
+    (data / "notes.txt").write_text("not data")  # only the files the data layer read count
     monkeypatch.setenv("FLATMINIMA_DATA", str(tmp_path / "data"))
     cfg = small_cfg(data="fashion-mnist", data_kwargs={}, epochs=1, batch_size=50)
     train(cfg, tmp_path / "run")
     files = RunFolder(tmp_path / "run").marker()["data"]["files"]
-    assert {Path(f["path"]).name for f in files} == {p.name for p in data.iterdir()}
+    assert {Path(f["path"]).name for f in files} == {p.name for p in data.glob("*.gz")}
     for f in files:
         assert f["sha256"] == hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest()
     shutil.rmtree(tmp_path / "data")
