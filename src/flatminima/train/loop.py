@@ -271,6 +271,15 @@ class Trainer:
         data: optional preloaded data splits.
         progress: show a progress bar (default ``cfg.progress``; main process only).
         sync: the synchronisation strategy (default :class:`LocalSync`, one process).
+
+    Example:
+        >>> cfg = TrainConfig(data="gmm", data_kwargs={"num_train": 64, "num_test": 32},
+        ...                   model="mlp", epochs=1, batch_size=16, progress=False)
+        >>> state = torch.get_rng_state()
+        >>> Trainer(cfg).run()["status"]
+        'complete'
+        >>> torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+        True
     """
 
     def __init__(
