@@ -116,10 +116,10 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
     estimators = args.estimators if args.estimators is not None else default_estimators(args.rho)
     return StudyConfig(
         n_features=r["n_features"],  # type: ignore[arg-type]
-        alphas=tuple(r["alphas"]),  # type: ignore[call-overload]
+        alphas=tuple(r["alphas"]),  # type: ignore[arg-type]
         delta=args.delta,
         rho=args.rho,
-        seeds=tuple(r["seeds"]),  # type: ignore[call-overload]
+        seeds=tuple(r["seeds"]),  # type: ignore[arg-type]
         estimators=tuple(estimators),
         epochs=r["epochs"],  # type: ignore[arg-type]
         free_entropy=args.free_entropy,

@@ -259,6 +259,14 @@ class GridDynamics:
 
     Raises:
         ValueError: on a bad argument (named in the message).
+
+    Example:
+        >>> from flatminima.gmm.data import sample
+        >>> X, y, _ = sample(20, 2.0, 1.0, seed=0)
+        >>> dyn = GridDynamics(X, y, "esgd", "logistic", [dict(lr=0.5, gamma=0.3)], epochs=2)
+        >>> dyn.step()
+        >>> dyn.u.shape, len(dyn.last_batches), dyn.total_steps
+        ((1, 1, 20), 5, 8)
     """
 
     def __init__(
