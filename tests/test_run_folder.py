@@ -249,6 +249,34 @@ def test_two_processes_on_one_folder_then_kill_9_and_resume(tmp_path):
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
 
 
+def test_ctrl_c_releases_the_lock_and_the_rerun_resumes_exactly(tmp_path):
+    cfg = small_cfg(epochs=3)
+    full = train(cfg, tmp_path / "full")
+    trainer = Trainer(cfg, tmp_path / "run")
+    step, calls = trainer.algo.step, []
+
+    def interrupted(next_batch):
+        calls.append(1)
+        if len(calls) == 15:  # mid-way through epoch 2 (10 steps per epoch)
+            raise KeyboardInterrupt
+        return step(next_batch)
+
+    trainer.algo.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert not (tmp_path / "run" / "run.lock").exists()
+    assert RunFolder(tmp_path / "run").status() == "interrupted"
+    resumed = train(cfg, tmp_path / "run")
+
+    def numbers(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+    assert numbers([resumed["final"]]) == numbers([full["final"]])
+    assert numbers(RunFolder(tmp_path / "run").read_metrics()) == numbers(
+        RunFolder(tmp_path / "full").read_metrics()
+    )
+
+
 # ---------------------------------------------------------------------------- files and messages
 
 
