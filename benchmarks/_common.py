@@ -12,6 +12,7 @@ and range (:func:`ratio_stats`, :func:`fmt_stats`).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -80,24 +81,38 @@ def interleaved(
     repeats: int,
     device: torch.device | str = "cpu",
     warmup: int = 1,
+    min_time: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each fn, repeats interleaved round-robin after ``warmup`` calls each.
 
-    Returns every measurement (``repeats`` per key) so callers can report medians, ranges and
-    per-repeat ratios.
+    With ``min_time > 0`` a measurement times ``n`` back-to-back calls of a fn, ``n`` chosen
+    once (from one calibration call after the warm-up) so that it lasts about ``min_time``
+    seconds, and reports the time per call: a scheduler hiccup then weighs less in a fast
+    fn's number. Returns every measurement (``repeats`` per key) so callers can report
+    medians, ranges and per-repeat ratios.
     """
-    for fn in fns.values():
+    inner: dict[str, int] = {}
+    for key, fn in fns.items():
         for _ in range(warmup):
             fn()
+        inner[key] = 1
+        if min_time > 0:
+            one = _time(fn, 1, device)
+            inner[key] = max(1, math.ceil(min_time / max(one, 1e-9)))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(_time(fn, inner[key], device) / inner[key])
     return times
+
+
+def _time(fn: Callable[[], object], n: int, device: torch.device | str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def stats(values: Sequence[float]) -> tuple[float, float, float]:

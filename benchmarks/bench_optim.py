@@ -74,9 +74,13 @@ def make(name: str) -> Callable[[], nn.Module]:
 
 
 # ----------------------------------------------------------------------------- timing
+MIN_TIME = 0.1  # seconds per measurement (set from --min-time)
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, list[float]]:
-    """Seconds of each fn per repeat, calls interleaved round-robin after one warm-up each."""
-    return _interleaved(fns, repeats, device, warmup=1)
+    """Seconds per call of each fn per repeat, interleaved round-robin after one warm-up each;
+    each measurement times back-to-back calls lasting about ``MIN_TIME`` seconds."""
+    return _interleaved(fns, repeats, device, warmup=1, min_time=MIN_TIME)
 
 
 def ms(times: list[float], per: float = 1.0) -> str:
@@ -259,14 +263,20 @@ def main() -> None:
         "--only", nargs="+", default=["rsgd", "esgd", "vmap", "update"],
         choices=["rsgd", "esgd", "vmap", "update"],
     )  # fmt: skip
+    parser.add_argument(
+        "--min-time", type=float, default=0.1,
+        help="seconds each measurement lasts at least (calls repeated back to back; 0.1)",
+    )  # fmt: skip
     args = parser.parse_args()
     pin_threads(args.threads)  # before any torch work
+    global MIN_TIME
+    MIN_TIME = args.min_time
     if args.quick:
         args.models, args.repeats = ["mlp", "cnn"], 3
     device = torch.device(args.device)
     print(
-        f"# bench_optim: {env_line(device)}, {args.repeats} interleaved repeats; "
-        "times median [min-max], ratios median [min-max] of per-repeat ratios"
+        f"# bench_optim: {env_line(device)}, {args.repeats} interleaved repeats of >= "
+        f"{args.min_time} s; times median [min-max], ratios median [min-max] of per-repeat ratios"
     )
     torch.manual_seed(0)
     for part in args.only:
