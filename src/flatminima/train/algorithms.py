@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatminima.optim import SAM, EntropySGD, Replicas, ReplicatedSGD
 from flatminima.optim.registry import REGISTRY, OptimizerSpec, optimizer_spec
+from flatminima.optim.schedules import ExponentialGamma
 from flatminima.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -214,10 +216,9 @@ class Algorithm:
 class EntropySGDAlgorithm(Algorithm):
     spec = REGISTRY["esgd"]
     name = spec.name
+    optimizer: EntropySGD
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        from flatminima.optim import EntropySGD
-
         c = self.cfg
         return EntropySGD(
             self.model.parameters(),
@@ -258,10 +259,9 @@ class EntropySGDAlgorithm(Algorithm):
 class SAMAlgorithm(Algorithm):
     spec = REGISTRY["sam"]
     name = spec.name
+    optimizer: SAM
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        from flatminima.optim import SAM
-
         c = self.cfg
         return SAM(
             self.model.parameters(),
@@ -304,8 +304,6 @@ class ReplicatedSGDAlgorithm(Algorithm):
     def __init__(
         self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
     ) -> None:
-        from flatminima.optim import Replicas
-
         self._init_common(cfg, device)
         self.num_streams = cfg.num_replicas
         self.replicas = Replicas(
@@ -315,8 +313,6 @@ class ReplicatedSGDAlgorithm(Algorithm):
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        from flatminima.optim import ReplicatedSGD
-
         c = self.cfg
         return ReplicatedSGD(
             self.replicas,
@@ -372,8 +368,6 @@ class ReplicatedSGDAlgorithm(Algorithm):
 
 
 def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    from flatminima.optim.schedules import ExponentialGamma
-
     return ExponentialGamma(
         optimizer,
         cfg.gamma,
