@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         if c in final
     ]
     print(format_table([final], cols))
-    label = "centre of the replicas" if cfg.optimizer == "rsgd" else "model"
+    label = "centre of the replicas" if REGISTRY[cfg.optimizer].needs_replicas else "model"
     print(
         f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: test error {final['test_error']:.2%} "
         f"({label}), {summary['grad_evals']:,} gradient evaluations "
