@@ -1,4 +1,7 @@
-"""The ``flatminima gmm`` subcommand: sweep alpha, write CSV + figures, print a summary."""
+"""Gaussian-mixture study: every estimator (closed forms, ridge ERM, and SGD / Replicated-SGD /
+Entropy-SGD on the linear model, with the library's updates) on the same training sets, over
+alpha = P/N; exact test errors against the Bayes-optimal one, flatness, replica theory. Writes
+results.csv (resumable per cell), summary.json, kendall.json, theory.csv and two figures."""
 
 from __future__ import annotations
 
