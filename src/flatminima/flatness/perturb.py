@@ -50,10 +50,10 @@ _VALID_NOISE = ("multiplicative", "additive")
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters or buffers)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -69,13 +69,13 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[tupl
         ValueError: the model has no parameters, a name does not exist, or the filter selects
             nothing.
     """
-    named = list(model.named_parameters())
+    named: list[tuple[str, Tensor]] = list(model.named_parameters())
     if not named:
         raise ValueError(f"model {type(model).__name__} has no parameters to measure")
     if params is None:
         return named
     if callable(params):
-        chosen = [(n, p) for n, p in named if params(n, p)]
+        chosen = [(n, p) for n, p in named if params(n, p)]  # type: ignore[arg-type]
     elif isinstance(params, str):
         raise ValueError(
             f"params={params!r} is a single string; pass an iterable of names, e.g. [{params!r}]"
@@ -194,7 +194,7 @@ class ModelSnapshot:
     @classmethod
     def take(cls, model: nn.Module, *, buffers_only: bool = False) -> ModelSnapshot:
         """Snapshot ``model`` (``buffers_only`` skips cloning the parameters)."""
-        params = list(model.parameters())
+        params: list[Tensor] = list(model.parameters())
         bufs = [b for b in model.buffers()]
         with torch.no_grad():
             pvals = [] if buffers_only else [p.detach().clone() for p in params]
@@ -309,11 +309,11 @@ class NoisePerturber:
         ]
 
     @torch.no_grad()
-    def apply_(self, sigma: float, xi: Sequence[Tensor]) -> None:
+    def apply_(self, sigma: float, xi: Sequence[Tensor | None]) -> None:
         """Set the tensors to ``w0 * (1 + sigma xi)`` (or ``w0 + sigma xi``) for a drawn ``xi``."""
         for (_, _, ts, saved, _), flat in zip(self._groups, xi):
             torch._foreach_copy_(ts, saved)
-            if sigma == 0.0:
+            if sigma == 0.0 or flat is None:
                 continue
             views = [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in ts]), ts)]
             if self.noise == "multiplicative":

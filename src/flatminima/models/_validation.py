@@ -30,7 +30,7 @@ def check_num_classes(num_classes: object) -> int:
 
 def check_dropout(dropout: object) -> float:
     """Return ``dropout`` as a ``float`` in ``[0, 1)``, else raise ``ValueError``."""
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= float(dropout) < 1:
         raise ValueError(f"Invalid dropout: {dropout!r}; expected a probability in [0, 1)")
     return float(dropout)
 

@@ -76,9 +76,9 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p < 1.0:
+        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= float(p) < 1.0:
             raise ValueError(f"Invalid drop-path probability: {p!r}; expected a value in [0, 1)")
-        self.p = float(p)
+        self.p: float = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -153,7 +153,7 @@ class MBConv(nn.Module):
 
 
 def _check_multiplier(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value <= 16.0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) <= 16.0:
         raise ValueError(f"Invalid {name}: {value!r}; expected a number in (0, 16]")
     return float(value)
 

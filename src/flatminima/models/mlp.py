@@ -54,7 +54,7 @@ def parse_hidden(hidden: Sequence[int] | str | int) -> tuple[int, ...]:
     for w in widths:
         if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
             raise ValueError(f"Invalid hidden: {hidden!r}; width {w!r} is not a positive integer")
-    return tuple(int(w) for w in widths)  # type: ignore[arg-type]
+    return tuple(int(w) for w in widths)  # type: ignore[call-overload]
 
 
 class MLP(nn.Sequential):

@@ -16,6 +16,13 @@ from torch import Tensor
 __all__: list[str] = []
 
 
+def _grad(p: Tensor) -> Tensor:
+    """``p.grad``, which the reference updates need (the closure must have set it)."""
+    if p.grad is None:
+        raise ValueError("reference update on a parameter without a gradient")
+    return p.grad
+
+
 def sgd_update_(
     p: Tensor,
     g: Tensor,
@@ -86,7 +93,7 @@ class ReferenceEntropySGD:
                 xi_flat = torch.randn(total, generator=self.generator, dtype=ps[0].dtype)
             off = 0
             for i, p in enumerate(ps):
-                g = p.grad + self.gamma * (p - x[i]) + self.iwd * p
+                g = _grad(p) + self.gamma * (p - x[i]) + self.iwd * p
                 new = p - self.eta * g
                 if xi_flat is not None:
                     xi = xi_flat[off : off + p.numel()].view_as(p)
@@ -164,7 +171,7 @@ class ReferenceReplicatedSGD:
     def step(self) -> None:
         y = len(self.ps)
         couple = self.t % self.K == 0
-        grads = [[p.grad.clone() for p in r] for r in self.ps]
+        grads = [[_grad(p).clone() for p in r] for r in self.ps]
         if couple:
             for i in range(len(self.ps[0])):
                 c = sum(self.ps[a][i] for a in range(y)) / y
@@ -189,9 +196,9 @@ def reference_sam_perturbation(
     params: Sequence[Tensor], rho: float, adaptive: bool
 ) -> list[Tensor]:
     """``e = rho T^2 g / ||T g||`` per tensor, ``T = |w|`` (adaptive) or 1."""
-    tg = [(p.abs() if adaptive else torch.ones_like(p)) * p.grad for p in params]
-    norm = torch.sqrt(sum((t * t).sum() for t in tg))
+    tg = [(p.abs() if adaptive else torch.ones_like(p)) * _grad(p) for p in params]
+    norm = torch.sqrt(torch.stack([(t * t).sum() for t in tg]).sum())
     return [
-        rho * (p.abs() ** 2 if adaptive else torch.ones_like(p)) * p.grad / (norm + 1e-12)
+        rho * (p.abs() ** 2 if adaptive else torch.ones_like(p)) * _grad(p) / (norm + 1e-12)
         for p in params
     ]

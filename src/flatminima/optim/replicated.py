@@ -792,10 +792,9 @@ class ReplicatedSGD(Optimizer):
         if param_groups is None:
             return [{"params": reps.flat_params}]
         resolved = _resolve_groups(reps, param_groups)
-        builtin = base_optimizer is None
         for i, (_, opts) in enumerate(resolved):
             try:
-                if builtin:
+                if base_optimizer is None:
                     _check_sgd_group({**defaults, **opts}, strict=True)
                 else:
                     _check_coupling({**defaults, **opts})

@@ -61,7 +61,7 @@ def _rebuild(like: Any, items: Any) -> Any:
     """A container of ``like``'s type holding ``items`` (dict of values or list of values)."""
     if isinstance(like, Mapping):
         try:
-            return type(like)(**items) if dataclasses.is_dataclass(like) else type(like)(items)
+            return type(like)(**items) if dataclasses.is_dataclass(like) else type(like)(items)  # type: ignore[call-arg]
         except TypeError:
             return dict(items)
     if isinstance(like, tuple) and hasattr(like, "_fields"):  # namedtuple

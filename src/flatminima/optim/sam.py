@@ -195,7 +195,7 @@ class SAM(Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
-            gs = [p.grad for p in ps]
+            gs: list[Tensor] | tuple[Tensor, ...] = [p.grad for p in ps]
             if group["adaptive"]:
                 gs = torch._foreach_mul(gs, torch._foreach_abs(ps))
             norms.extend(torch._foreach_norm(gs))
