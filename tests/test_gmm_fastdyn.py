@@ -118,22 +118,24 @@ def test_scoped_coupling_cap_is_the_library_with_a_capped_gamma():
     assert np.abs(capped.u - uncapped.u).max() > 1e-3  # ... and changes the trajectory
 
 
-def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=False):
+def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=False, cap=None):
     spe, L = 8, 3
     epochs = STEPS * L * math.ceil(len(y) / spe) / len(y)
     dyn = GridDynamics(X, y, "esgd", objective, grid, epochs=epochs, inner_steps=L,
                        steps_per_epoch=spe, mu_decay=0.75, scale_by_gamma=scale_by_gamma,
-                       nesterov=nesterov, seed=5)
+                       nesterov=nesterov, max_lr_gamma=cap, seed=5)
     assert dyn.total_steps == STEPS
     xy = torch.from_numpy(X * y[:, None])
     u0 = initial_weights(X.shape[1], 1, 5, sphere=objective == "error")[0]
     libs = []
     for hp in grid:
         lin = _linear(u0)
+        eta = hp["lr"] * _unit(X, spe)
+        gamma = hp["gamma"] if cap is None else min(hp["gamma"], cap / eta)
         opt = EntropySGD([lin.weight], lr=hp.get("outer_lr", 1.0),
                          momentum=hp.get("momentum", 0.0), nesterov=nesterov, inner_steps=L,
-                         inner_lr=hp["lr"] * _unit(X, spe), noise=hp.get("noise", 1e-2),
-                         mu_decay=0.75, gamma=hp["gamma"], scale_by_gamma=scale_by_gamma, seed=5)
+                         inner_lr=eta, noise=hp.get("noise", 1e-2),
+                         mu_decay=0.75, gamma=gamma, scale_by_gamma=scale_by_gamma, seed=5)
         libs.append((lin, opt, hp))
     worst = 0.0
     for t in range(1, STEPS + 1):
@@ -170,6 +172,16 @@ def test_esgd_outer_momentum_scale_by_gamma_nesterov():
     grid = [dict(lr=0.5, gamma=0.5, noise=0.0, outer_lr=2.0, momentum=0.9)]
     worst, _ = _esgd_lockstep(X, y, "logistic", grid, scale_by_gamma=True, nesterov=True)
     assert worst <= TOL
+
+
+def test_esgd_coupling_cap_is_entropy_sgd_with_a_capped_gamma():
+    X, y, _ = sample(30, 2.0, 1.0, seed=6)
+    grid = [dict(lr=1.0, gamma=30.0, noise=0.01)]  # eta gamma > 1: the cap binds
+    assert 30.0 * _unit(X, 8) > 1.0
+    worst, capped = _esgd_lockstep(X, y, "logistic", grid, scale_by_gamma=True, cap=1.0)
+    assert worst <= TOL
+    _, uncapped = _esgd_lockstep(X, y, "logistic", grid, scale_by_gamma=True)
+    assert np.abs(capped.u - uncapped.u).max() > 1e-3
 
 
 def test_langevin_noise_scale_is_sqrt_2_eta_eps():
