@@ -13,6 +13,7 @@ from flatminima.train.loop import (
     read_summary,
     train,
 )
+from flatminima.train.run_folder import RunFileError, RunFolder, RunFolderError, RunFolderLocked
 
 __all__ = [
     "ALGORITHMS",
@@ -20,6 +21,10 @@ __all__ = [
     "DivergenceError",
     "Plan",
     "ResumeMismatchError",
+    "RunFileError",
+    "RunFolder",
+    "RunFolderError",
+    "RunFolderLocked",
     "TrainConfig",
     "Trainer",
     "build_algorithm",
