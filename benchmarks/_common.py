@@ -21,7 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+#: Clocks of :func:`interleaved`.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
 __all__ = [
+    "CLOCKS",
     "add_threads_arg",
     "env_line",
     "fmt_stats",
@@ -29,6 +33,7 @@ __all__ = [
     "interleaved",
     "pin_threads",
     "ratio_stats",
+    "resolve_clock",
     "stats",
     "sync",
 ]
@@ -82,37 +87,53 @@ def interleaved(
     device: torch.device | str = "cpu",
     warmup: int = 1,
     min_time: float = 0.0,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """Seconds per call of each fn, repeats interleaved round-robin after ``warmup`` calls each.
 
     With ``min_time > 0`` a measurement times ``n`` back-to-back calls of a fn, ``n`` chosen
     once (from one calibration call after the warm-up) so that it lasts about ``min_time``
     seconds, and reports the time per call: a scheduler hiccup then weighs less in a fast
-    fn's number. Returns every measurement (``repeats`` per key) so callers can report
-    medians, ranges and per-repeat ratios.
+    fn's number. ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (the process's CPU
+    time, ``time.process_time``: the work done, without the time spent waiting for a core that
+    other processes hold; only meaningful on the CPU with one thread). Returns every
+    measurement (``repeats`` per key) so callers can report medians, ranges and per-repeat
+    ratios.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     inner: dict[str, int] = {}
     for key, fn in fns.items():
         for _ in range(warmup):
             fn()
         inner[key] = 1
         if min_time > 0:
-            one = _time(fn, 1, device)
+            one = _time(fn, 1, device, now)
             inner[key] = max(1, math.ceil(min_time / max(one, 1e-9)))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            times[key].append(_time(fn, inner[key], device) / inner[key])
+            times[key].append(_time(fn, inner[key], device, now) / inner[key])
     return times
 
 
-def _time(fn: Callable[[], object], n: int, device: torch.device | str) -> float:
+def _time(
+    fn: Callable[[], object], n: int, device: torch.device | str, now: Callable[[], float]
+) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(n):
         fn()
     sync(device)
-    return time.perf_counter() - t0
+    return now() - t0
+
+
+def resolve_clock(clock: str, device: torch.device | str, threads: int) -> str:
+    """``"auto"``: CPU time on the CPU with one thread, else wall-clock."""
+    if clock != "auto":
+        return clock
+    return "cpu" if torch.device(device).type == "cpu" and threads == 1 else "wall"
 
 
 def stats(values: Sequence[float]) -> tuple[float, float, float]:

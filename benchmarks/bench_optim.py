@@ -29,7 +29,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import add_threads_arg, env_line, fmt_stats, fmt_triple, pin_threads, ratio_stats
+from _common import (
+    add_threads_arg,
+    env_line,
+    fmt_stats,
+    fmt_triple,
+    pin_threads,
+    ratio_stats,
+    resolve_clock,
+)
 from _common import interleaved as _interleaved
 from torch import nn
 
@@ -75,12 +83,13 @@ def make(name: str) -> Callable[[], nn.Module]:
 
 # ----------------------------------------------------------------------------- timing
 MIN_TIME = 0.1  # seconds per measurement (set from --min-time)
+CLOCK = "wall"  # set from --clock
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, list[float]]:
     """Seconds per call of each fn per repeat, interleaved round-robin after one warm-up each;
     each measurement times back-to-back calls lasting about ``MIN_TIME`` seconds."""
-    return _interleaved(fns, repeats, device, warmup=1, min_time=MIN_TIME)
+    return _interleaved(fns, repeats, device, warmup=1, min_time=MIN_TIME, clock=CLOCK)
 
 
 def ms(times: list[float], per: float = 1.0) -> str:
@@ -267,16 +276,24 @@ def main() -> None:
         "--min-time", type=float, default=0.1,
         help="seconds each measurement lasts at least (calls repeated back to back; 0.1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--clock", default="auto", choices=["auto", "cpu", "wall"],
+        help="cpu: process CPU time; wall: wall-clock; auto (default): cpu on the CPU with one "
+        "thread (waiting for a core held by other processes is not the optimizer's cost), "
+        "else wall",
+    )  # fmt: skip
     args = parser.parse_args()
     pin_threads(args.threads)  # before any torch work
-    global MIN_TIME
+    global MIN_TIME, CLOCK
     MIN_TIME = args.min_time
+    CLOCK = resolve_clock(args.clock, args.device, args.threads)
     if args.quick:
         args.models, args.repeats = ["mlp", "cnn"], 3
     device = torch.device(args.device)
     print(
         f"# bench_optim: {env_line(device)}, {args.repeats} interleaved repeats of >= "
-        f"{args.min_time} s; times median [min-max], ratios median [min-max] of per-repeat ratios"
+        f"{args.min_time} s, {CLOCK} clock; times median [min-max], ratios median [min-max] of "
+        "per-repeat ratios"
     )
     torch.manual_seed(0)
     for part in args.only:
