@@ -148,6 +148,26 @@ def test_collapsed_fits_are_flagged_and_no_warning_reaches_the_user(monkeypatch)
     assert taus[0]["n_fits"] == 6 and np.isfinite(taus[0]["tau"])
 
 
+def test_imbalanced_dynamics_fit_a_bias_and_majority_vote_counts_as_collapsed(monkeypatch):
+    # a classifier with a bias that always predicts the majority label errs on the minority
+    # fraction: chance for a fit with a bias, so it is flagged; bias-free fits keep chance 1/2
+    monkeypatch.setattr(
+        ex, "erm_square", lambda X, y, lam, b: LinearClassifier(hebbian(X, y).w * 1e-9, -5.0)
+    )
+    cfg = ex.StudyConfig(n_features=60, alphas=(4.0,), rho=0.25, epochs=4.0,
+                         estimators=("hebbian", "square_ridge", "rsgd_loss"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = ex.run_cell(cfg, 4.0, seed=2)
+    by = {(r["estimator"], r["stop"]): r for r in rows}
+    X, y, _ = sample(60, 4.0, 1.0, 0.25, seed=2)
+    assert by[("square_ridge", "closed")]["train_error"] == pytest.approx(np.mean(y > 0))
+    assert by[("square_ridge", "closed")]["collapsed"] == 1
+    assert by[("hebbian", "closed")]["collapsed"] == 0
+    rs = by[("rsgd_loss", "final")]
+    assert rs["collapsed"] == 0 and rs["gap_bayes"] < by[("hebbian", "closed")]["gap_bayes"]
+
+
 def test_quick_run_imbalanced_writes_every_column(tmp_path, capsys):
     out = tmp_path / "q"
     with warnings.catch_warnings():

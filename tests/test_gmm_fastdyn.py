@@ -32,18 +32,27 @@ def _unit(X: np.ndarray, steps_per_epoch: int) -> float:
     return bsz / (n * np.mean(np.sum(X * X, 1)) / n)  # B / (N Delta_hat)
 
 
-def _loss(lin: nn.Module, xy: torch.Tensor, objective: str, temp: float) -> torch.Tensor:
-    h = lin(xy).squeeze(-1)
+def _loss(lin: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: str, temp: float):
+    h = y * lin(x).squeeze(-1)
     if objective == "logistic":
         return nn.functional.softplus(-h).mean()
-    return torch.sigmoid(-h / (lin.weight.norm() * temp)).mean()
+    norm = torch.cat([p.reshape(-1) for p in lin.parameters()]).norm()  # weight and bias
+    return torch.sigmoid(-h / (norm * temp)).mean()
 
 
-def _linear(u: np.ndarray) -> nn.Module:
-    lin = nn.Linear(u.size, 1, bias=False).double()
+def _linear(u: np.ndarray, bias: bool = False) -> nn.Module:
+    """``nn.Linear(N, 1)`` holding ``u`` (with ``bias``: its last entry is the bias)."""
+    n = u.size - int(bias)
+    lin = nn.Linear(n, 1, bias=bias).double()
     with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(u.copy())[None])
+        lin.weight.copy_(torch.from_numpy(u[:n].copy())[None])
+        if bias:
+            lin.bias.fill_(float(u[n]))
     return lin
+
+
+def _flat(lin: nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in lin.parameters()]).numpy()
 
 
 def _schedule(t: int, total: int, hp: dict, scoped: bool, temp0: float = 1.0):
@@ -53,20 +62,23 @@ def _schedule(t: int, total: int, hp: dict, scoped: bool, temp0: float = 1.0):
     return temp, gamma
 
 
-def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=False, cap=None):
+def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=False, cap=None,
+                   bias=False):
     """Max |dw| over every replica, configuration and step."""
     spe = 10
     epochs = STEPS * reps * math.ceil(len(y) / spe) / len(y)
     dyn = GridDynamics(X, y, "rsgd", objective, grid, epochs=epochs,
                        num_replicas=reps, steps_per_epoch=spe, scoped=scoped,
-                       nesterov=nesterov, max_lr_gamma=cap, seed=3)
+                       nesterov=nesterov, max_lr_gamma=cap, fit_intercept=bias, seed=3)
     assert dyn.total_steps == STEPS
-    xy = torch.from_numpy(X * y[:, None])
+    xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     u0 = initial_weights(X.shape[1], reps, 3, sphere=objective == "error")
+    if bias:
+        u0 = np.hstack([u0, np.zeros((reps, 1))])
     libs = []
     for hp in grid:
         it = iter(u0)
-        r = Replicas(lambda it=it: _linear(next(it)), reps)
+        r = Replicas(lambda it=it: _linear(next(it), bias), reps)
         eta = hp["lr"] * _unit(X, spe)
         libs.append((r, ReplicatedSGD(r, lr=eta, momentum=hp.get("momentum", 0.0),
                                       nesterov=nesterov, gamma=0.0), hp, eta))
@@ -77,7 +89,7 @@ def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=Fals
             temp, gamma = _schedule(t, STEPS, hp, scoped)
             opt.param_groups[0]["gamma"] = gamma if cap is None else min(gamma, cap / eta)
             opt.zero_grad()
-            sum(_loss(lin, xy[idx], objective, temp)
+            sum(_loss(lin, xt[idx], yt[idx], objective, temp)
                 for lin, idx in zip(r, dyn.last_batches)).backward()
             opt.step()
             w = r.flat_params[0]
@@ -118,21 +130,24 @@ def test_scoped_coupling_cap_is_the_library_with_a_capped_gamma():
     assert np.abs(capped.u - uncapped.u).max() > 1e-3  # ... and changes the trajectory
 
 
-def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=False, cap=None):
+def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=False, cap=None,
+                   bias=False):
     spe, L = 8, 3
     epochs = STEPS * L * math.ceil(len(y) / spe) / len(y)
     dyn = GridDynamics(X, y, "esgd", objective, grid, epochs=epochs, inner_steps=L,
                        steps_per_epoch=spe, mu_decay=0.75, scale_by_gamma=scale_by_gamma,
-                       nesterov=nesterov, max_lr_gamma=cap, seed=5)
+                       nesterov=nesterov, max_lr_gamma=cap, fit_intercept=bias, seed=5)
     assert dyn.total_steps == STEPS
-    xy = torch.from_numpy(X * y[:, None])
+    xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     u0 = initial_weights(X.shape[1], 1, 5, sphere=objective == "error")[0]
+    if bias:
+        u0 = np.append(u0, 0.0)
     libs = []
     for hp in grid:
-        lin = _linear(u0)
+        lin = _linear(u0, bias)
         eta = hp["lr"] * _unit(X, spe)
         gamma = hp["gamma"] if cap is None else min(hp["gamma"], cap / eta)
-        opt = EntropySGD([lin.weight], lr=hp.get("outer_lr", 1.0),
+        opt = EntropySGD(list(lin.parameters()), lr=hp.get("outer_lr", 1.0),
                          momentum=hp.get("momentum", 0.0), nesterov=nesterov, inner_steps=L,
                          inner_lr=eta, noise=hp.get("noise", 1e-2),
                          mu_decay=0.75, gamma=gamma, scale_by_gamma=scale_by_gamma, seed=5)
@@ -146,15 +161,18 @@ def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=Fals
 
             def closure(lin=lin, opt=opt, temp=temp, batches=batches):
                 opt.zero_grad()
-                loss = _loss(lin, xy[batches.pop(0)], objective, temp)
+                idx = batches.pop(0)
+                loss = _loss(lin, xt[idx], yt[idx], objective, temp)
                 loss.backward()
                 return loss
 
             opt.step(closure)
             if objective == "error":
                 with torch.no_grad():
-                    lin.weight.div_(lin.weight.norm())
-            worst = max(worst, float(np.abs(lin.weight.detach().numpy()[0] - dyn.u[0, k]).max()))
+                    norm = float(np.linalg.norm(_flat(lin)))
+                    for p in lin.parameters():
+                        p.div_(norm)
+            worst = max(worst, float(np.abs(_flat(lin) - dyn.u[0, k]).max()))
     return worst, dyn
 
 
@@ -182,6 +200,30 @@ def test_esgd_coupling_cap_is_entropy_sgd_with_a_capped_gamma():
     assert worst <= TOL
     _, uncapped = _esgd_lockstep(X, y, "logistic", grid, scale_by_gamma=True)
     assert np.abs(capped.u - uncapped.u).max() > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["logistic", "error"])
+def test_bias_is_the_library_bias_parameter(objective):
+    X, y, _ = sample(40, 3.0, 1.0, rho=0.2, seed=7)
+    grid = [dict(lr=0.5, gamma=0.3, temp1=0.1, noise=0.02), dict(lr=1.0, gamma=3.0, temp1=0.1)]
+    worst, dyn = _rsgd_lockstep(X, y, objective, grid, bias=True)
+    assert worst <= TOL and dyn.u.shape == (3, 2, 41)
+    assert np.abs(dyn.u[..., -1]).min() > 1e-3  # the bias moved off 0
+    worst, _ = _esgd_lockstep(X, y, objective, grid, bias=True)
+    assert worst <= TOL
+
+
+def test_run_grid_bias_learns_the_class_imbalance():
+    X, y, v = sample(100, 4.0, 1.0, rho=0.2, seed=0)
+    kw = dict(epochs=40, num_replicas=3, n_evals=2, seed=0)
+    with_b = run_grid(X, y, "rsgd", "logistic", [dict(lr=0.5, gamma=0.3)], fit_intercept=True,
+                      **kw)
+    no_b = run_grid(X, y, "rsgd", "logistic", [dict(lr=0.5, gamma=0.3)], **kw)
+    assert not no_b.b.any() and no_b.w.shape == with_b.w.shape == (2, 1, 100)
+    assert with_b.b[-1, 0] < 0  # most labels are -1: the bias leans that way
+    eps_b = classifier_error(with_b.w[-1, 0], with_b.b[-1, 0], v, 1.0, 0.2)
+    eps_0 = classifier_error(no_b.w[-1, 0], 0.0, v, 1.0, 0.2)
+    assert eps_b < eps_0
 
 
 def test_langevin_noise_scale_is_sqrt_2_eta_eps():

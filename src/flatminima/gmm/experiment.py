@@ -5,8 +5,10 @@ fitted. Its test error is the exact ``eps_g`` of :mod:`flatminima.gmm.theory` (c
 true centre ``v``, which no estimator or stopping rule sees). Gaps are paired on the same data:
 ``gap_heb = eps_g - eps_g(Hebbian)`` and ``gap_bayes = eps_g - eps_g(finite-N Bayes-optimal
 classifier)``, which differ only when ``rho != 0.5`` (the Hebbian has no bias and is then not
-Bayes-optimal); ``gap_bo`` is to the N -> infinity Bayes-optimal error. A fit at chance
-(training error within 2 SE of 1/2) or without finite non-zero weights is flagged ``collapsed``.
+Bayes-optimal); ``gap_bo`` is to the N -> infinity Bayes-optimal error. When ``rho != 0.5``
+every estimator but the Hebbian fits a bias (ERM, the finite-N Bayes classifier and the
+dynamics). A fit at chance (training error within 2 SE of 1/2, or of the minority fraction for
+a fit with a bias) or without finite non-zero weights is flagged ``collapsed``.
 
 Stopping rules (training data only):
 
@@ -195,10 +197,11 @@ def _fit_dynamics(
     trn: np.ndarray,
     val: np.ndarray,
     seed: int,
-) -> list[tuple[str, np.ndarray, float, int, str]]:
+) -> list[tuple[str, np.ndarray, float, float, int, str]]:
     """Tune on (trn, val), refit the chosen configurations on all of (X, y).
 
-    Returns ``(stop, w, epoch, grad_evals, hparams)`` for ``stop`` in ``val`` (configuration
+    The linear model has a bias iff ``rho != 0.5`` (as the ERM estimators). Returns
+    ``(stop, w, b, epoch, grad_evals, hparams)`` for ``stop`` in ``val`` (configuration
     and checkpoint jointly minimising the validation error, earliest on ties) and ``final``
     (configuration minimising the validation error at the end of the budget). A checkpoint
     whose weights are not finite (a diverged configuration) is never chosen; if every one is,
@@ -206,11 +209,15 @@ def _fit_dynamics(
     """
     alg, obj, scoped, grid = DYNAMICS[name]
     kw = dict(epochs=cfg.epochs, num_replicas=cfg.num_replicas, scoped=scoped, seed=seed,
-              max_lr_gamma=SCOPED_MAX_LR_GAMMA if scoped else None)
+              max_lr_gamma=SCOPED_MAX_LR_GAMMA if scoped else None,
+              fit_intercept=cfg.rho != 0.5)
     tune = run_grid(X[trn], y[trn], alg, obj, grid, **kw)  # type: ignore[arg-type]
-    with np.errstate(invalid="ignore"):
-        h = np.einsum("ckn,vn->ckv", tune.w, X[val] * y[val, None])
-    val_err = np.where(np.isfinite(tune.w).all(-1), (h <= 0).mean(-1), np.inf)  # [C, K]
+    n = X.shape[1]
+    with np.errstate(all="ignore"):
+        h = np.einsum("ckn,vn->ckv", tune.w, X[val] / math.sqrt(n)) + tune.b[..., None]
+        h *= y[val]
+        ok = np.isfinite(tune.w).all(-1) & np.isfinite(tune.b)
+    val_err = np.where(ok, (h <= 0).mean(-1), np.inf)  # [C, K]
     c_val, k_val = np.unravel_index(int(np.argmin(val_err)), val_err.shape)
     k_fin = int(np.argmin(val_err[-1]))
     chosen = sorted({int(k_val), k_fin})
@@ -219,7 +226,9 @@ def _fit_dynamics(
     for stop, k, c in (("val", int(k_val), int(c_val)), ("final", k_fin, -1)):
         j = chosen.index(k)
         hp = " ".join(f"{key}={val:g}" for key, val in grid[k].items())
-        out.append((stop, full.w[c, j], float(full.epochs[c]), full.grad_evals, hp))
+        out.append(
+            (stop, full.w[c, j], float(full.b[c, j]), float(full.epochs[c]), full.grad_evals, hp)
+        )
     return out
 
 
@@ -254,8 +263,8 @@ def _fits(cfg: StudyConfig, X: np.ndarray, y: np.ndarray, seed: int) -> list[Fit
     fits: list[Fit] = []
     for name in cfg.estimators:
         if name in DYNAMICS:
-            for stop, w, ep, ge, hp in _fit_dynamics(cfg, name, X, y, trn, val, seed):
-                fits.append(Fit(name, stop, w, 0.0, ep, ge, hp))
+            for stop, w, b, ep, ge, hp in _fit_dynamics(cfg, name, X, y, trn, val, seed):
+                fits.append(Fit(name, stop, w, b, ep, ge, hp))
         else:
             fit = _closed_form(cfg, name, X, y)
             if fit is not None:
@@ -263,17 +272,27 @@ def _fits(cfg: StudyConfig, X: np.ndarray, y: np.ndarray, seed: int) -> list[Fit
     return fits
 
 
-def collapse_threshold(p: int) -> float:
-    """Training error from which a fit counts as collapsed: within 2 binomial SE of chance,
-    ``0.5 - 2 sqrt(0.25 / P)`` (a linear classifier without bias at chance errs on half)."""
-    return 0.5 - 2.0 * math.sqrt(0.25 / p)
+def collapse_threshold(p: int, chance: float = 0.5) -> float:
+    """Training error from which a fit counts as collapsed: within 2 binomial SE of the error
+    at chance, ``chance - 2 sqrt(chance (1 - chance) / P)``. ``chance`` is 1/2 for a classifier
+    without bias (a direction orthogonal to ``v`` errs on half the points whatever ``rho``) and
+    the minority fraction of the training labels for one with a bias (which can always predict
+    the majority label)."""
+    return chance - 2.0 * math.sqrt(chance * (1.0 - chance) / p)
 
 
-def _is_degenerate(w: np.ndarray) -> bool:
+def _has_bias(cfg: StudyConfig, name: str) -> bool:
+    """Whether estimator ``name`` fits a bias: every one but the Hebbian when ``rho != 0.5``
+    (the finite-N Bayes classifier's bias is 0 at ``rho = 0.5``)."""
+    return cfg.rho != 0.5 and name != "hebbian"
+
+
+def _is_degenerate(w: np.ndarray, b: float = 0.0) -> bool:
     """Weights that define no usable classifier: not finite, zero, or a squared norm that
-    overflows (a diverged run)."""
+    overflows (a diverged run); or a non-finite bias."""
     with np.errstate(all="ignore"):
-        return not np.isfinite(w).all() or not 0 < float(w @ w) < math.inf
+        bad_w = not np.isfinite(w).all() or not 0 < float(w @ w) < math.inf
+    return bad_w or not math.isfinite(b)
 
 
 def _flatness(cfg: StudyConfig, f: Fit, X: np.ndarray, y: np.ndarray, target: float,
@@ -281,7 +300,7 @@ def _flatness(cfg: StudyConfig, f: Fit, X: np.ndarray, y: np.ndarray, target: fl
     """Flatness columns of one fit (nan for degenerate weights)."""
     nan = float("nan")
     out = dict(local_energy=nan, sigma_star=nan, free_entropy=nan, free_entropy_se=nan)
-    if _is_degenerate(f.w):
+    if _is_degenerate(f.w, f.b):
         return out
     out["local_energy"] = local_energy(f.w, f.b, X, y, cfg.local_energy_sigma)
     out["sigma_star"] = sigma_at_error(f.w, f.b, X, y, target)
@@ -300,7 +319,8 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
     (:func:`flatminima.gmm.estimators.bayes_optimal`, with its bias) on the same data, which is
     the Hebbian direction with ``b = 0`` when ``rho = 0.5`` (then ``gap_bayes = gap_heb``).
     A fit is ``collapsed`` when its weights are not finite or zero (``eps_g`` and the flatness
-    columns are then empty) or its training error is at chance (:func:`collapse_threshold`).
+    columns are then empty) or its training error is at chance (:func:`collapse_threshold`:
+    1/2 without a bias, the minority label fraction with one).
     """
     X, y, v = sample(cfg.n_features, alpha, cfg.delta, cfg.rho, seed=seed)
     fits = _fits(cfg, X, y, seed)
@@ -310,14 +330,17 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
     bo = bayes_optimal(X, y, cfg.delta, cfg.rho)
     eps_bayes = classifier_error(bo.w, bo.b, v, cfg.delta, cfg.rho)
     nan = float("nan")
-    train_errs = [nan if _is_degenerate(f.w) else training_error(f.w, f.b, X, y) for f in fits]
-    chance = collapse_threshold(X.shape[0])
-    collapsed_fits = [not tr < chance for tr in train_errs]  # nan (degenerate) included
+    train_errs = [nan if _is_degenerate(f.w, f.b) else training_error(f.w, f.b, X, y) for f in fits]
+    minority = float(min(np.mean(y > 0), np.mean(y < 0)))
+    chance = [
+        collapse_threshold(len(y), minority if _has_bias(cfg, f.name) else 0.5) for f in fits
+    ]
+    collapsed_fits = [not tr < c for tr, c in zip(train_errs, chance)]  # nan (degenerate) too
     kept = [tr for tr, c in zip(train_errs, collapsed_fits) if not c]
     target = min(0.45, max(kept, default=0.0) + 0.05)  # matched error of the non-collapsed fits
     rows = []
     for f, tr, collapsed in zip(fits, train_errs, collapsed_fits):
-        degenerate = _is_degenerate(f.w)
+        degenerate = _is_degenerate(f.w, f.b)
         eps = nan if degenerate else classifier_error(f.w, f.b, v, cfg.delta, cfg.rho)
         m, q = (nan, nan) if degenerate else overlaps(f.w, v)
         if collapsed:

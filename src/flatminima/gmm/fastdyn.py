@@ -2,7 +2,7 @@
 
 The updates of :class:`flatminima.optim.ReplicatedSGD` and :class:`flatminima.optim.EntropySGD`
 (built-in torch-SGD outer step), specialised to the linear model ``sign(u . x)``
-(``u = w / sqrt(N)``) and run in numpy for a whole hyperparameter grid of ``K`` configurations
+(``u = w / sqrt(N)``; with ``fit_intercept``, ``sign(u . x + b)``) and run in numpy for a whole hyperparameter grid of ``K`` configurations
 and ``y`` replicas in one ``[y, K, N]`` array, so that a grid costs a few batched matrix
 products per step. The ``K`` configurations share the initialisation, the minibatches and the
 Langevin draws (common random numbers). ``tests/test_gmm_fastdyn.py`` runs
@@ -108,12 +108,14 @@ class GridRun:
             non-finite where a configuration diverged.
         grad_evals: total gradient evaluations of one configuration (all replicas).
         diverged: ``[K]`` True where a configuration's weights became non-finite.
+        b: ``[C, K]`` bias of the estimator (zeros without ``fit_intercept``).
     """
 
     epochs: np.ndarray
     w: np.ndarray
     grad_evals: int
     diverged: np.ndarray
+    b: np.ndarray
 
 
 def _check_value(key: str, val: object) -> None:
@@ -249,10 +251,15 @@ class GridDynamics:
         nesterov: Nesterov momentum (where ``momentum > 0``).
         scale_by_gamma: ``esgd`` outer gradient ``gamma (x - mu)`` instead of ``x - mu``.
         max_lr_gamma: None (off: the library's update) or the cap of ``eta gamma_t``.
+        fit_intercept: Train a bias ``b`` too: the model is ``sign(u . x + b)``, i.e.
+            ``torch.nn.Linear(N, 1, bias=True)``; ``b`` is the last coordinate of ``u``
+            (``u[..., N]``, initialised at 0), coupled, noised and (``"error"``: jointly with
+            the weights) projected like every other parameter, as the library treats a bias.
         seed: Seeds the initialisation, the minibatch streams and the Langevin noise.
 
     Attributes:
-        u: ``[y, K, N]`` current weights (the eSGD outer variable ``x`` in ``u[0]``).
+        u: ``[y, K, N]`` current weights (the eSGD outer variable ``x`` in ``u[0]``);
+            ``[y, K, N + 1]`` with the bias last when ``fit_intercept``.
         t: Steps taken; ``total_steps``: the budget in steps.
         last_batches: Minibatch index arrays used by the last step, in the order they were
             used (rSGD: one per replica; eSGD: one per inner step).
@@ -287,6 +294,7 @@ class GridDynamics:
         nesterov: bool = False,
         scale_by_gamma: bool = False,
         max_lr_gamma: float | None = None,
+        fit_intercept: bool = False,
         seed: int = 0,
     ) -> None:
         ints = dict(num_replicas=num_replicas, steps_per_epoch=steps_per_epoch,
@@ -301,7 +309,9 @@ class GridDynamics:
         self.inner_steps, self.mu_decay, self.temp0 = inner_steps, mu_decay, temp0
         self.nesterov, self.scale_by_gamma = nesterov, scale_by_gamma
         self.max_lr_gamma = max_lr_gamma
-        self.Xy = X * y[:, None]  # signed inputs: margins h = Xy @ u
+        self.fit_intercept = bool(fit_intercept)
+        Xa = np.hstack([X, np.ones((p, 1))]) if fit_intercept else X
+        self.Xy = Xa * y[:, None]  # signed inputs: margins h = Xy @ u
         self.bsz = math.ceil(p / steps_per_epoch)
         self.unit = self.bsz / (float(np.einsum("ij,ij->", X, X)) / p)  # B / (N Delta_hat)
         self.hp = {k: np.array([g.get(k, d) for g in grid], dtype=np.float64)
@@ -310,10 +320,13 @@ class GridDynamics:
         reps = num_replicas if algorithm == "rsgd" else 1
         self.sphere = objective == "error"
         k = len(grid)
-        self.u = np.repeat(initial_weights(n, reps, seed, self.sphere)[:, None], k, axis=1)
+        u0 = initial_weights(n, reps, seed, self.sphere)
+        if fit_intercept:
+            u0 = np.hstack([u0, np.zeros((reps, 1))])
+        self.u = np.repeat(u0[:, None], k, axis=1)
         self.buf = np.zeros_like(self.u) if np.any(self.hp["momentum"] > 0) else None
         self.streams = [minibatch_stream(p, self.bsz, seed, a) for a in range(reps)]
-        self._normal = _Normal(n, seed) if algorithm == "esgd" else None
+        self._normal = _Normal(self.u.shape[-1], seed) if algorithm == "esgd" else None
         self.evals_per_step = (inner_steps if algorithm == "esgd" else reps) * self.bsz
         self.total_steps = max(1, round(epochs * p / self.evals_per_step))
         self.t = 0
@@ -383,10 +396,14 @@ class GridDynamics:
         if self.sphere:
             _project_(x)
 
-    def estimator(self) -> np.ndarray:
-        """``[K, N]`` estimator ``w = sqrt(N) c`` (the centre; eSGD: ``x``)."""
+    def estimator(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(w [K, N], b [K])``: ``w = sqrt(N) c`` of the centre ``c`` (eSGD: ``x``) and its
+        bias (zeros without ``fit_intercept``)."""
         with np.errstate(all="ignore"):  # non-finite where a configuration diverged
-            return self.u.mean(0) * math.sqrt(self.u.shape[-1])
+            c = self.u.mean(0)
+            n = c.shape[-1] - int(self.fit_intercept)
+            b = c[:, n].copy() if self.fit_intercept else np.zeros(c.shape[0])
+            return c[:, :n] * math.sqrt(n), b
 
 
 def _project_(v: np.ndarray) -> None:
@@ -410,7 +427,8 @@ def run_grid(
         n_evals: Number of checkpoints (evenly spaced in steps, the last at the end).
         **kwargs: the keyword arguments of :class:`GridDynamics` (``epochs``,
             ``num_replicas``, ``scoped``, ``steps_per_epoch``, ``inner_steps``, ``mu_decay``,
-            ``temp0``, ``nesterov``, ``scale_by_gamma``, ``max_lr_gamma``, ``seed``).
+            ``temp0``, ``nesterov``, ``scale_by_gamma``, ``max_lr_gamma``,
+            ``fit_intercept``, ``seed``).
 
     Returns:
         A :class:`GridRun`.
@@ -423,14 +441,17 @@ def run_grid(
     dyn = GridDynamics(X, y, algorithm, objective, grid, **kwargs)  # type: ignore[arg-type]
     total = dyn.total_steps
     at = set(np.unique(np.linspace(1, total, n_evals).round().astype(int)).tolist())
-    ck_ep, ck_w = [], []
+    ck_ep, ck_w, ck_b = [], [], []
     for t in range(1, total + 1):
         dyn.step()
         if t in at:
             ck_ep.append(t * dyn.evals_per_step / X.shape[0])
-            ck_w.append(dyn.estimator())
+            w, b = dyn.estimator()
+            ck_w.append(w)
+            ck_b.append(b)
     diverged = ~np.isfinite(dyn.u).all(axis=(0, 2))
     if diverged.any():
         log.info("%s/%s: %d of %d configurations diverged: %s", algorithm, objective,
                  int(diverged.sum()), len(grid), [dict(g) for g, d in zip(grid, diverged) if d])
-    return GridRun(np.asarray(ck_ep), np.stack(ck_w), int(total * dyn.evals_per_step), diverged)
+    evals = int(total * dyn.evals_per_step)
+    return GridRun(np.asarray(ck_ep), np.stack(ck_w), evals, diverged, np.stack(ck_b))
