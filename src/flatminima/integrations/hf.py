@@ -113,7 +113,7 @@ class SAMTwoCall(Optimizer):
         """The base optimizer's state."""
         return self.optimizer.base_optimizer.state
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """``second_step()``; with a closure, the full two-pass :meth:`SAM.step`."""
         if closure is not None:
             return self.optimizer.step(closure)
@@ -164,7 +164,8 @@ class FlatMinimaTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = find_labels(type(replica))
         columns = list(inspect.signature(replica.forward).parameters)
-        self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names})
+        labels = sorted({"label", "label_ids", *self.label_names})
+        self._signature_columns = columns + labels  # type: ignore[assignment]
 
     def _sam(self) -> SAM | None:
         inner = unwrap_optimizer(self.optimizer)
@@ -183,7 +184,7 @@ class FlatMinimaTrainer(Trainer):
                 )
             if self.args.fp16:
                 raise ValueError("SAM with fp16=True is not supported here; use bf16 or fp32")
-            warn_sam_batchnorm(inner, self.model)
+            warn_sam_batchnorm(inner, model if model is not None else self.model)  # type: ignore[arg-type]
             if not isinstance(opt, SAMTwoCall):
                 self.optimizer = opt = SAMTwoCall(inner)
         return opt

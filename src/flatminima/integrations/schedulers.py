@@ -96,7 +96,7 @@ class GammaLR(LRScheduler):
         """The current learning rates (unchanged by this scheduler)."""
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+    def step(self, epoch: int | None = None) -> None:
         """Advance the coupling schedule by one optimizer step (``epoch`` is not supported).
 
         Raises:
