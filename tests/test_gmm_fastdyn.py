@@ -272,3 +272,23 @@ def test_divergence_is_flagged_without_numpy_warnings():
         run = run_grid(X, y, "rsgd", "logistic", grid, epochs=20, num_replicas=3, n_evals=2)
     assert run.diverged.tolist() == [False, True]
     assert np.isfinite(run.w[-1, 0]).all() and not np.isfinite(run.w[-1, 1]).all()
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(temp0=0.0), "temp0"),
+        (dict(grid=[dict(lr=1.0, momentum=-1.0)]), "momentum"),
+        (dict(grid=[dict(lr=1.0, outer_lr=0.0)]), "outer_lr"),
+        (dict(grid=[dict(lr=1.0, noise=float("nan"))]), "noise"),
+        (dict(max_lr_gamma=-1.0), "max_lr_gamma"),
+        (dict(mu_decay=1.0), "mu_decay"),
+        (dict(n_evals=0), "n_evals"),
+        (dict(inner_steps=True), "inner_steps"),
+    ],
+)
+def test_bad_arguments_are_named(kw, name):
+    X, y, _ = sample(10, 1.0, 1.0, seed=0)
+    grid = kw.pop("grid", [dict(lr=1.0)])
+    with pytest.raises(ValueError, match=name):
+        run_grid(X, y, "esgd", "logistic", grid, **kw)

@@ -2,13 +2,13 @@
 
 The updates of :class:`flatminima.optim.ReplicatedSGD` and :class:`flatminima.optim.EntropySGD`
 (built-in torch-SGD outer step), specialised to the linear model ``sign(u . x)``
-(``u = w / sqrt(N)``; with ``fit_intercept``, ``sign(u . x + b)``) and run in numpy for a whole hyperparameter grid of ``K`` configurations
-and ``y`` replicas in one ``[y, K, N]`` array, so that a grid costs a few batched matrix
-products per step. The ``K`` configurations share the initialisation, the minibatches and the
-Langevin draws (common random numbers). ``tests/test_gmm_fastdyn.py`` runs
-:class:`GridDynamics` and the library optimizers side by side on the same linear model, the
-same minibatches and the same noise draws, and checks every weight after every step
-(float64, ``max |dw| <= 1e-10``).
+(``u = w / sqrt(N)``; with ``fit_intercept``, ``sign(u . x + b)``) and run in numpy for a
+whole hyperparameter grid of ``K`` configurations and ``y`` replicas in one ``[y, K, N]``
+array, so that a grid costs a few batched matrix products per step. The ``K`` configurations
+share the initialisation, the minibatches and the Langevin draws (common random numbers).
+``tests/test_gmm_fastdyn.py`` runs :class:`GridDynamics` and the library optimizers side by
+side on the same linear model, the same minibatches and the same noise draws, and checks every
+weight after every step (float64, ``max |dw| <= 1e-10``).
 
 Objectives per minibatch ``B`` (signed inputs ``y_mu x_mu``, margins ``h_mu = y_mu u . x_mu``):
 
@@ -121,14 +121,15 @@ class GridRun:
 def _check_value(key: str, val: object) -> None:
     """Range check of one grid value (``ValueError`` naming it)."""
     ok = isinstance(val, int | float) and not isinstance(val, bool) and math.isfinite(val)
-    if key in ("lr", "gamma_growth", "temp1", "outer_lr"):
+    positive = ("lr", "gamma_growth", "temp0", "temp1", "outer_lr")
+    if key in positive:
         ok = ok and val > 0  # type: ignore[operator]
     else:
         ok = ok and val >= 0  # type: ignore[operator]
     if not ok:
         raise ValueError(
             f"Invalid {key} value: {val!r} (expected a finite number "
-            f"{'> 0' if key in ('lr', 'gamma_growth', 'temp1', 'outer_lr') else '>= 0'})"
+            f"{'> 0' if key in positive else '>= 0'})"
         )
 
 
@@ -300,6 +301,7 @@ class GridDynamics:
         ints = dict(num_replicas=num_replicas, steps_per_epoch=steps_per_epoch,
                     inner_steps=inner_steps)
         _check(algorithm, objective, grid, ints, epochs, mu_decay, max_lr_gamma)
+        _check_value("temp0", temp0)
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if X.ndim != 2 or y.shape != (X.shape[0],) or X.shape[0] == 0:
