@@ -33,12 +33,11 @@ def fake_train(cfg, out, **kwargs):
 def _stubs(monkeypatch, tmp_path):
     """No training, no network, internal-error traces into tmp_path."""
     import flatminima.data.download as dl
-    import flatminima.distributed as dist
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
     SEEN.clear()
-    monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(dist, "train_distributed", fake_train, raising=False)
+    monkeypatch.setattr(train_cmd, "train", fake_train)
+    monkeypatch.setattr(train_cmd, "train_distributed", fake_train)
 
     def no_network(url, dest, timeout, progress=None):
         if not url.startswith("file:"):
@@ -106,9 +105,9 @@ def test_set_wins_over_flag_and_flag_over_config_file(tmp_path):
 
 @pytest.mark.slow
 def test_issue_command_trains_for_real(tmp_path, monkeypatch):
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
-    monkeypatch.setattr(loop, "train", REAL_TRAIN)
+    monkeypatch.setattr(train_cmd, "train", REAL_TRAIN)
     rc, out, err = run(
         [*T, "--optimizer", "rsgd", "--gamma-max", "1e-3", "--train-subset", "200",
          "--set", "flatness_sigmas=0.1,0.2", "--out", str(tmp_path / "real")]
@@ -177,22 +176,22 @@ def test_out_at_a_file_or_dev_null_one_line(tmp_path, target):
     ],
 )  # fmt: skip
 def test_expected_failures_during_a_run_are_one_line(monkeypatch, exc, words):
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
     def boom(cfg, out, **kwargs):
         raise exc
 
-    monkeypatch.setattr(loop, "train", boom)
+    monkeypatch.setattr(train_cmd, "train", boom)
     assert_one_line_error([*T, "--out", "r"], "flatminima train: error:", *words)
 
 
 def test_unexpected_exception_is_internal_error_70_with_trace_file(monkeypatch, tmp_path):
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
     def bug(cfg, out, **kwargs):
         raise TypeError("'<' not supported between instances of 'str' and 'float'")
 
-    monkeypatch.setattr(loop, "train", bug)
+    monkeypatch.setattr(train_cmd, "train", bug)
     line = assert_one_line_error([*T, "--out", "r"], "internal error: TypeError", rc=70)
     trace = Path(line.split("full trace in ")[1].split(";")[0])
     assert trace.parent == tmp_path and "Traceback" in trace.read_text()
@@ -208,12 +207,12 @@ def test_a_bug_while_building_the_parser_is_also_one_line_70(monkeypatch):
 
 
 def test_keyboard_interrupt_is_130(monkeypatch):
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
     def stop(cfg, out, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train", stop)
+    monkeypatch.setattr(train_cmd, "train", stop)
     assert_one_line_error([*T, "--out", "r"], "interrupted", rc=130)
 
 
@@ -328,10 +327,8 @@ def _study_stubs(monkeypatch):
 
     from flatminima.studies.presets import arm_config, parse_grid
 
-    # the package re-exports functions named like their modules: import the modules by name
-    compare_mod = importlib.import_module("flatminima.studies.compare")
-    correlation_mod = importlib.import_module("flatminima.studies.correlation")
-    tune_mod = importlib.import_module("flatminima.studies.tune")
+    # the command module calls these by the names it imported
+    studies_cmd = importlib.import_module("flatminima.commands.studies")
 
     def fake_compare(out_dir, *, preset=None, optimizers=None, overrides=None, **kw):
         for arm in optimizers or ["sgd", "rsgd"]:
@@ -348,9 +345,9 @@ def _study_stubs(monkeypatch):
         TrainConfig.from_dict(dict(overrides or {}))
         raise SystemExit(0)
 
-    monkeypatch.setattr(compare_mod, "compare", fake_compare)
-    monkeypatch.setattr(tune_mod, "tune", fake_tune)
-    monkeypatch.setattr(correlation_mod, "correlation_study", fake_study)
+    monkeypatch.setattr(studies_cmd, "compare", fake_compare)
+    monkeypatch.setattr(studies_cmd, "tune", fake_tune)
+    monkeypatch.setattr(studies_cmd, "correlation_study", fake_study)
 
 
 @_FUZZ
@@ -396,9 +393,9 @@ def test_property_config_files_valid_or_one_error_line(values, raw):
 
 def test_truncated_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch):
     """A real 1-epoch run, its checkpoint cut in half: the error names the file, no traceback."""
-    import flatminima.train.loop as loop
+    from flatminima.commands import train as train_cmd
 
-    monkeypatch.setattr(loop, "train", REAL_TRAIN)
+    monkeypatch.setattr(train_cmd, "train", REAL_TRAIN)
     run_dir = tmp_path / "ck"
     rc, _, err = run([*T, "--train-subset", "300", "--out", str(run_dir)])
     assert rc == 0, err

@@ -1,7 +1,9 @@
 """The ``flatminima`` command: train, compare, study, measure flatness, Gaussian-mixture theory.
 
-Each subcommand lives in the module of its concept and registers itself here through a
-``register(subparsers)`` function that adds its parser and sets ``func`` (``func(args) -> int``).
+Each subcommand lives in the command layer, :mod:`flatminima.commands` (one module per
+subcommand), and registers itself here through a ``register(subparsers)`` function that adds its
+parser and sets ``func`` (``func(args) -> int``). Only this module and the command modules use
+argparse; the library modules they call know nothing of the command line.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from collections.abc import Sequence
 from flatminima import __version__
 
 SUBCOMMAND_MODULES = (
-    "flatminima.train.cli",
-    "flatminima.data.cli",
-    "flatminima.flatness.cli",
-    "flatminima.studies.cli",
-    "flatminima.gmm.cli",
+    "flatminima.commands.train",
+    "flatminima.commands.data",
+    "flatminima.commands.flatness",
+    "flatminima.commands.studies",
+    "flatminima.gmm.cli",  # moves to flatminima.commands.gmm
 )
 
 

@@ -47,7 +47,24 @@ from flatminima.studies._runs import (
     read_metrics,
     train_run,
 )
-from flatminima.studies.presets import Preset, arm_config, arm_optimizer
+from flatminima.studies.executors import make_executor
+from flatminima.studies.presets import Preset, arm_config, arm_optimizer, seed_list
+from flatminima.studies.report import BUDGET_LABELS, write_compare_report
+from flatminima.studies.stats import (
+    COLLAPSE_FRACTION,
+    DEFAULT_MARGIN,
+    add_table_tests,
+    is_collapsed,
+    paired_test,
+    tost_p,
+)
+from flatminima.studies.tune import (
+    SearchSpace,
+    check_search_keys,
+    check_selection,
+    planned_trials,
+    tune_arm,
+)
 from flatminima.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -62,8 +79,6 @@ __all__ = [
     "summarize",
 ]
 
-#: budget name (TrainConfig.budget) -> label used in every table and plot
-BUDGET_LABELS = {"grad-evals": "equal gradient evaluations", "epochs": "equal epochs per replica"}
 _BUDGET_ALIASES = {
     "grad-evals": ["grad-evals"],
     "equal-grad-evals": ["grad-evals"],
@@ -201,19 +216,6 @@ def compare_configs(
     return configs
 
 
-def _seed_list(seeds: int | Sequence[int]) -> list[int]:
-    if isinstance(seeds, bool):
-        raise ValueError(f"Invalid seeds {seeds!r}: a count >= 1 or a list of seeds")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"Invalid seeds {seeds!r}: the number of seeds must be >= 1")
-        return list(range(seeds))
-    out = [int(s) for s in seeds]
-    if not out or len(set(out)) != len(out) or min(out) < 0:
-        raise ValueError(f"Invalid seeds {list(seeds)!r}: distinct integers >= 0, at least one")
-    return out
-
-
 def _clean(x: float) -> float:
     """Round float round-off to 0 (|x| < 1e-12: a mean of values that cancel exactly)."""
     return 0.0 if abs(x) < 1e-12 else x
@@ -330,11 +332,10 @@ def plan_compare(
         ValueError: an unknown optimizer, budget, key or value; tuning seeds that overlap the
             evaluation seeds; unequal planned trials between arms.
     """
-    from flatminima.studies.stats import DEFAULT_MARGIN, tost_p
 
     study = dict(preset.study) if preset is not None else {}
     arms = list(optimizers or study.get("optimizers") or REGISTRY)
-    seed_list = _seed_list(seeds if seeds is not None else study.get("seeds", 3))
+    seeds_ = seed_list(seeds if seeds is not None else study.get("seeds", 3))
     budgets = parse_budget(budget or study.get("budget", "grad-evals"))
     settings.validate()
     m = float(margin if margin is not None else study.get("margin", DEFAULT_MARGIN))
@@ -346,7 +347,7 @@ def plan_compare(
     plan = ComparePlan(
         Path(out_dir),
         arms,
-        seed_list,
+        seeds_,
         budgets,
         settings,
         m,
@@ -368,7 +369,7 @@ def _tuning_seeds(plan: ComparePlan) -> list[int]:
     seeds = spec.get("seeds", 3)
     if isinstance(seeds, int) and not isinstance(seeds, bool):  # n seeds after the evaluation ones
         seeds = list(range(max(plan.seeds) + 1, max(plan.seeds) + 1 + seeds))
-    seeds = _seed_list(seeds)
+    seeds = seed_list(seeds)
     overlap = sorted(set(seeds) & set(plan.seeds))
     if overlap:
         raise ValueError(
@@ -380,13 +381,6 @@ def _tuning_seeds(plan: ComparePlan) -> list[int]:
 
 def _check_tuning(plan: ComparePlan) -> None:
     """Parse every arm's search space and check equal effort (before any training)."""
-    from flatminima.studies.tune import (
-        SearchSpace,
-        check_search_keys,
-        check_selection,
-        planned_trials,
-    )
-
     spec = plan.tuning or {}
     _tuning_seeds(plan)
     missing = [a for a in plan.arms if a not in spec["space"]]
@@ -472,7 +466,6 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
     ``grad-evals`` one. Controls take the tuned SGD values. Returns ``{budget: {arm:
     tuning.json contents}}``.
     """
-    from flatminima.studies.tune import SearchSpace, tune_arm
 
     spec = plan.tuning or {}
     seeds = _tuning_seeds(plan)
@@ -512,7 +505,6 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
 
 def _run_record(plan: ComparePlan, b: str, label: str, s: int, data: DataCache) -> dict[str, Any]:
     """Stage 4 for one run: read its summary, flag collapse, measure its local energy."""
-    from flatminima.studies.stats import is_collapsed
 
     cfg, run_dir = plan.run_of(b, label, s)
     summary = train_run(cfg, run_dir, data)  # finished by the executor: only read back here
@@ -622,7 +614,6 @@ def compare(
     Raises:
         ValueError: a bad input (before any training starts).
     """
-    from flatminima.studies.executors import make_executor
 
     study = dict(preset.study) if preset is not None else {}
     settings = MeasureSettings(
@@ -657,7 +648,6 @@ def compare(
     runs = collect(plan, progress=progress)
     result = aggregate(plan, runs, executor.describe())
     if write:
-        from flatminima.studies.report import write_compare_report
 
         write_compare_report(result)
     return result
@@ -709,7 +699,6 @@ def _paired_rows(
     plan: ComparePlan, b: str, by_arm: dict[str, list[dict[str, Any]]], subset: str
 ) -> list[dict[str, Any]]:
     """Paired test-error tests of one table, Holm-adjusted together, with verdicts."""
-    from flatminima.studies.stats import add_table_tests, paired_test
 
     rows = []
     for arm, ref in _comparisons(plan, b):
@@ -737,7 +726,6 @@ def _flat_rows(
     plan: ComparePlan, b: str, by_arm: dict[str, list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Paired local-energy tests against SGD: final networks, and at matched training error."""
-    from flatminima.studies.stats import add_table_tests, paired_test
 
     if "sgd" not in by_arm:
         return []
@@ -846,7 +834,6 @@ def _nan0(x: float) -> float:
 
 
 def _settings(plan: ComparePlan, executor: dict[str, Any] | None) -> dict[str, Any]:
-    from flatminima.studies.stats import COLLAPSE_FRACTION
 
     p = plan.preset
     study = dict(p.study) if p is not None else {}

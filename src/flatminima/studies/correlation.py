@@ -46,7 +46,10 @@ import numpy as np
 import yaml
 
 from flatminima.studies._runs import DataCache, MeasureSettings, measure_run, train_run
-from flatminima.studies.presets import parse_grid
+from flatminima.studies.executors import SerialExecutor
+from flatminima.studies.presets import find_preset, parse_grid
+from flatminima.studies.report import write_study_report
+from flatminima.studies.stats import holm
 from flatminima.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -270,7 +273,6 @@ def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     else:
         path = Path(spec)
         if not path.is_file():
-            from flatminima.studies.presets import find_preset
 
             try:  # a shipped grid by name, e.g. "study-digits-mlp"
                 path = find_preset(str(spec))
@@ -405,7 +407,6 @@ def _correlate(
     n_boot: int,
 ) -> list[dict[str, Any]]:
     """Every variant x target (Holm-adjusted Kendall p over them), then -Phi against the rest."""
-    from flatminima.studies.stats import holm
 
     if len(records) < 3:
         log.warning("only %d networks: at least 3 are needed for rank correlations", len(records))
@@ -497,6 +498,8 @@ class StudyResult:
     measures: list[str]
     out_dir: Path
     settings: dict[str, Any]
+    #: the generalization targets (the others in ``correlations`` are cross-checks)
+    targets: tuple[str, ...] = TARGETS
 
 
 def correlation_study(
@@ -556,7 +559,6 @@ def correlation_study(
     out = Path(out_dir)
     dirs = [out / "runs" / f"{i:03d}-{_slug(p)}" for i, p in enumerate(points)]
     if executor is None:
-        from flatminima.studies.executors import SerialExecutor
 
         executor = SerialExecutor()
     executor.run(list(zip(dirs, configs)), progress=progress)
@@ -597,7 +599,6 @@ def correlation_study(
     }
     result = StudyResult(records, correlations, measures, out, settings)
     if write:
-        from flatminima.studies.report import write_study_report
 
         write_study_report(result)
     return result

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flatminima.train import TrainConfig
+from flatminima.studies._runs import DataCache, train_run
+from flatminima.train import RunFolder, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ RunItem = tuple[Path, TrainConfig]
 def run_finished(cfg: TrainConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (complete or diverged; the
     one definition, :meth:`flatminima.train.run_folder.RunFolder.is_finished`)."""
-    from flatminima.train.run_folder import RunFolder
-
     return RunFolder(run_dir).is_finished(cfg)
 
 
@@ -66,8 +65,6 @@ def train_chunk(run_dirs: Sequence[str], configs: Sequence[dict[str, Any]], thre
     cluster jobs. Returns the number of runs handled.
     """
     import torch
-
-    from flatminima.studies._runs import DataCache, train_run
 
     torch.set_num_threads(max(1, int(threads)))
     data = DataCache()
@@ -116,8 +113,6 @@ class SerialExecutor(Executor):
     name = "serial"
 
     def _run(self, todo: list[RunItem], progress: bool) -> None:
-        from flatminima.studies._runs import DataCache, train_run
-
         data, bar = DataCache(), _bar(progress, len(todo), "training")
         try:
             for run_dir, cfg in todo:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,28 @@ def arm_config(
     values.update(changes)
     values["optimizer"] = optimizer
     return TrainConfig.from_dict(values)
+
+
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """Seeds ``0..seeds-1`` for a count, else the given distinct seeds (>= 0).
+
+    Raises:
+        ValueError: a count < 1, a bool, an empty list, repeated or negative seeds.
+
+    Example:
+        >>> seed_list(3), seed_list([4, 1])
+        ([0, 1, 2], [4, 1])
+    """
+    if isinstance(seeds, bool):
+        raise ValueError(f"Invalid seeds {seeds!r}: a count >= 1 or a list of seeds")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"Invalid seeds {seeds!r}: the number of seeds must be >= 1")
+        return list(range(seeds))
+    out = [int(s) for s in seeds]
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"Invalid seeds {list(seeds)!r}: distinct integers >= 0, at least one")
+    return out
 
 
 def parse_scalar(text: str) -> Any:

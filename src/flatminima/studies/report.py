@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from flatminima._table import format_table
 from flatminima.optim.registry import REGISTRY
+from flatminima.studies.plots import plot_energy_curves, plot_learning_curves, plot_scatter
+from flatminima.studies.stats import MAX_EXACT
 
 if TYPE_CHECKING:
     from flatminima.studies.compare import CompareResult
@@ -19,7 +21,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: budget name (TrainConfig.budget) -> label used in every table and plot
+BUDGET_LABELS = {"grad-evals": "equal gradient evaluations", "epochs": "equal epochs per replica"}
+
 __all__ = [
+    "BUDGET_LABELS",
     "compare_table_columns",
     "measure_label",
     "write_compare_report",
@@ -143,8 +149,6 @@ def write_compare_report(result: CompareResult) -> dict[str, str]:
 
 
 def _compare_plots(result: CompareResult) -> dict[str, str]:
-    from flatminima.studies.compare import BUDGET_LABELS
-    from flatminima.studies.plots import plot_energy_curves, plot_learning_curves
 
     files: dict[str, str] = {}
     for b in result.settings["budgets"]:
@@ -167,8 +171,6 @@ def _compare_plots(result: CompareResult) -> dict[str, str]:
 
 
 def _compare_header(result: CompareResult) -> list[str]:
-    from flatminima.studies.compare import BUDGET_LABELS
-    from flatminima.studies.stats import MAX_EXACT
 
     s = result.settings
     lines = [s["preset_description"].strip(), ""] if s.get("preset_description") else []
@@ -227,7 +229,6 @@ _PAIRED_COLS = [
 
 
 def _budget_section(result: CompareResult, b: str) -> list[str]:
-    from flatminima.studies.compare import BUDGET_LABELS
 
     suffix = _budget_suffix(result, b)
     rows = [r for r in result.table if r["budget"] == b]
@@ -299,9 +300,9 @@ def _budget_section(result: CompareResult, b: str) -> list[str]:
 def _tuning_section(result: CompareResult) -> list[str]:
     if not result.tuning:
         return []
-    from flatminima.studies.tune import SELECTION_RULE
-
-    lines = ["## Tuning", "", f"Selection rule: {SELECTION_RULE}.", ""]
+    rules = {t.get("selection_rule") for arms in result.tuning.values() for t in arms.values()}
+    lines = ["## Tuning", ""]
+    lines += [f"Selection rule: {rule}." for rule in sorted(rules - {None})] + [""]
     for b, arms in result.tuning.items():
         for arm, t in arms.items():
             sp = t["space"]
@@ -403,8 +404,6 @@ def _excluded_lines(s: dict[str, Any]) -> list[str]:
 
 def _study_lines(result: StudyResult, images: list[tuple[str, str]]) -> list[str]:
     """The Markdown lines of a study report."""
-    from flatminima.studies.correlation import TARGETS
-
     s = result.settings
     cols = [
         "measure",
@@ -420,8 +419,8 @@ def _study_lines(result: StudyResult, images: list[tuple[str, str]]) -> list[str
         "rho_ci_high",
         "spearman_p",
     ]
-    main = [c for c in result.correlations if c["target"] in TARGETS]
-    cross = [c for c in result.correlations if c["target"] not in TARGETS]
+    main = [c for c in result.correlations if c["target"] in result.targets]
+    cross = [c for c in result.correlations if c["target"] not in result.targets]
     lines = ["# Flatness vs generalization", ""]
     if s.get("description"):
         lines += [str(s["description"]).strip(), ""]
@@ -467,8 +466,6 @@ def _study_lines(result: StudyResult, images: list[tuple[str, str]]) -> list[str
 def write_study_report(result: StudyResult) -> dict[str, str]:
     """Write ``report.md``, ``networks.csv``, ``correlations.csv``, ``study.json`` and one
     scatter PNG per flatness measure (``scatter_MEASURE.png``) into ``result.out_dir``."""
-    from flatminima.studies.correlation import TARGETS
-    from flatminima.studies.plots import plot_scatter
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -476,7 +473,7 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
         "networks_csv": str(write_csv(result.records, out / "networks.csv")),
         "correlations_csv": str(write_csv(result.correlations, out / "correlations.csv")),
     }
-    labels = {k: measure_label(k) for k in [*result.measures, *TARGETS]}
+    labels = {k: measure_label(k) for k in [*result.measures, *result.targets]}
     images = []
     for m in result.measures:
         pts = [r for r in result.records if m in r]
@@ -486,10 +483,10 @@ def write_study_report(result: StudyResult) -> dict[str, str]:
             c["target"]: f"Kendall τ = {c['kendall_tau']:.2f} "
             f"[{c['tau_ci_low']:.2f}, {c['tau_ci_high']:.2f}]"
             for c in result.correlations
-            if c["measure"] == m and c["target"] in TARGETS
+            if c["measure"] == m and c["target"] in result.targets
         }
         name = f"scatter_{m}.png"
-        plot_scatter(pts, m, list(TARGETS), out / name, labels=labels, stats=stats)
+        plot_scatter(pts, m, list(result.targets), out / name, labels=labels, stats=stats)
         files[name] = str(out / name)
         images.append((m, name))
     write_json(

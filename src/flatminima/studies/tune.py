@@ -50,9 +50,13 @@ from typing import Any
 import numpy as np
 import yaml
 
+from flatminima._table import format_table
 from flatminima.optim.registry import REGISTRY, optimizer_spec
 from flatminima.studies._runs import DataCache
-from flatminima.studies.presets import Preset, arm_config, arm_optimizer, parse_grid
+from flatminima.studies.executors import make_executor
+from flatminima.studies.presets import Preset, arm_config, arm_optimizer, parse_grid, seed_list
+from flatminima.studies.report import write_csv, write_json
+from flatminima.studies.stats import is_collapsed
 from flatminima.train import TrainConfig, read_summary
 
 log = logging.getLogger(__name__)
@@ -355,7 +359,6 @@ class _Search:
         return len(new)
 
     def _seed_finals(self, point: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-        from flatminima.studies.stats import is_collapsed
 
         finals, failed = [], []
         for s in self.seeds:
@@ -469,7 +472,6 @@ def tune_arm(
     Raises:
         ValueError: ``val_size`` 0, no seeds, a weak selection not allowed, a bad value.
     """
-    from flatminima.studies.executors import make_executor
 
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -519,8 +521,6 @@ def tune_arm(
 
 def write_tuning(result: ArmTuning) -> None:
     """``trials.csv``, ``tuning.json``, ``tune.md`` and ``best.yaml`` into ``result.out_dir``."""
-    from flatminima._table import format_table
-    from flatminima.studies.report import write_csv, write_json
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -611,7 +611,6 @@ def tune(
         ValueError: an unknown optimizer, a bad or empty grid, a grid key ``optimizer``,
             ``seed`` or ``val_size``, ``val_size`` of 0, or a weak selection not allowed.
     """
-    from flatminima.studies.compare import _seed_list
 
     arm_optimizer(preset, optimizer)
     spec: dict[str, Any] = dict(parse_grid(grid) if isinstance(grid, str) else grid)
@@ -624,7 +623,7 @@ def tune(
         out_dir,
         base,
         space,
-        _seed_list(seeds),
+        seed_list(seeds),
         arm=optimizer,
         executor=executor,
         allow_weak=allow_weak,

@@ -1,4 +1,9 @@
-"""``flatminima train``: one run, every config key a flag, resumable from its folder."""
+"""``flatminima train``: one run, every config key a flag, resumable from its folder.
+
+With ``--distributed`` the run goes to :func:`flatminima.distributed.train_distributed` (one
+process per replica, launched by torchrun); the training library itself knows nothing of the
+distributed package.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from flatminima._table import format_table
+from flatminima.distributed import train_distributed
 from flatminima.optim.registry import REGISTRY
 from flatminima.train.config import TrainConfig, parse_override
+from flatminima.train.loop import DivergenceError, train
 
 _HELP = {
     # data
@@ -87,6 +95,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
     Values stay text here: :func:`config_from_args` converts them with
     :func:`flatminima.train.config.coerce`, like every other source of settings.
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser()
+        >>> add_config_arguments(parser)
+        >>> config_from_args(parser.parse_args(["--lr", "0.2", "--seed", "3"])).lr
+        0.2
+
     """
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("run configuration (any config key)")
@@ -191,16 +207,11 @@ def check_out_folder(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-    from flatminima.train.loop import DivergenceError, train
-
     cfg = config_from_args(args)
     out = args.out or Path("runs") / f"{cfg.data}-{cfg.model}-{cfg.optimizer}-s{cfg.seed}"
     check_out_folder(out)
     try:
         if args.distributed:
-            from flatminima.distributed import train_distributed
-
             summary = train_distributed(
                 cfg, out, procs_per_replica=args.procs_per_replica, timeout=args.dist_timeout
             )

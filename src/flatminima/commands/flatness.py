@@ -9,20 +9,25 @@ model (``hessian_top``, ``hessian_trace``, ``hessian_trace_se``).
 Only a *complete* run is a minimum to measure: a run that diverged, was interrupted or is still
 training is refused (exit status 1, one line naming the run and its status) unless
 ``--allow-incomplete`` is given.
+
+The work is done by :mod:`flatminima.train.measure`; this module parses the flags and prints
+the tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
-
-from flatminima.train.run_folder import RunFolder, atomic_writer
+from flatminima._table import format_table
+from flatminima.train.measure import (
+    FlatnessOptions,
+    check_runs,
+    flatness_dir,
+    measure_run_flatness,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -96,104 +101,20 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-_WHY = {
-    "running": "another process is training it now",
-    "interrupted": "it stopped before the end of its budget; rerun its train command to finish",
-    "started": "it has no checkpoint yet",
-    "empty": "the folder holds no run",
-}
-
-
-def check_runs(run_dirs: list[Path], allow_incomplete: bool) -> dict[Path, str]:
-    """The status of each run; raise unless all are complete (or ``allow_incomplete``).
-
-    Raises:
-        FileNotFoundError: a folder that is not a run folder.
-        ValueError: a run that is not complete, naming it, its status and why.
-    """
-    statuses = {}
-    for run_dir in run_dirs:
-        folder = RunFolder(run_dir)
-        if not folder.file(RunFolder.CONFIG).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run folder (no {RunFolder.CONFIG})")
-        status = folder.status()
-        if status != "complete" and not allow_incomplete:
-            why = _WHY.get(status) or (folder.summary() or {}).get("message") or status
-            raise ValueError(
-                f"{run_dir}: the run is {status} ({why}); flatness measures a complete run "
-                "(a minimum): pass --allow-incomplete to measure it anyway"
-            )
-        statuses[run_dir] = status
-    return statuses
-
-
-def _hessian(model: Any, train: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from flatminima.flatness import hessian_eigenvalues, hessian_trace
-
-    m = min(args.hessian_samples, len(train))
-    hdata = (train.x[:m], train.y[:m])
-    eig = hessian_eigenvalues(model, F.cross_entropy, hdata, k=1, seed=args.seed)
-    tr = hessian_trace(model, F.cross_entropy, hdata, n_samples=50, seed=args.seed)
-    return {
-        "top_eigenvalue": float(eig.eigenvalues[0]),
-        "trace": float(tr.estimate),
-        "trace_se": float(tr.stderr),
-        "samples": m,
-    }
-
-
-def measure_run(run_dir: Path, args: argparse.Namespace, status: str) -> list[dict[str, Any]]:
-    """Measure one run and write its CSV, plot (and ``hessian.json``); the CSV rows."""
-    from flatminima.flatness import local_energy, plot_local_energy
-    from flatminima.train.loop import load_run
-
-    trainer = load_run(run_dir, device=args.device)
-    models = trainer.eval_models()
-    if not args.all_models:
-        models = dict([next(iter(models.items()))])
-    train = trainer.data.train
-    n = min(args.samples, len(train))
-    last = trainer.history[-1] if trainer.history else {}
-    about = {"run": str(run_dir), "run_status": status,
-             "train_error": last.get("train_error", math.nan)}
-    hessian: dict[str, Any] = {}
-    if args.hessian:
-        name, model = next(iter(models.items()))
-        hessian = {"model": name, **_hessian(model, train, args)}
-    results, rows = {}, []
-    for name, model in models.items():
-        res = local_energy(model, (train.x[:n], train.y[:n]), args.sigmas, n_draws=args.draws,
-                           noise=args.noise, bn=args.bn, seed=args.seed)
-        results[name] = res
-        extra = {}
-        if hessian:
-            extra = {"hessian_top": hessian["top_eigenvalue"] if name == hessian["model"]
-                     else math.nan,
-                     "hessian_trace": hessian["trace"] if name == hessian["model"] else math.nan,
-                     "hessian_trace_se": hessian["trace_se"] if name == hessian["model"]
-                     else math.nan}
-        rows += [{**about, "model": name, **r, **extra} for r in res.to_rows()]
-    out = args.out / run_dir.name if args.out else run_dir / RunFolder.FLATNESS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(out / "local_energy.csv") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    cfg = trainer.cfg
-    plot_local_energy(results, out / "local_energy.png",
-                      title=f"Local energy: {cfg.optimizer} {cfg.model}/{cfg.data} seed {cfg.seed}")
-    if hessian:
-        with atomic_writer(out / "hessian.json") as fh:
-            fh.write(json.dumps(hessian, indent=2))
-    return rows
+def options(args: argparse.Namespace) -> FlatnessOptions:
+    """The measurement options given on the command line."""
+    return FlatnessOptions(
+        sigmas=tuple(args.sigmas), draws=args.draws, samples=args.samples, noise=args.noise,
+        bn=args.bn, all_models=args.all_models, hessian=args.hessian,
+        hessian_samples=args.hessian_samples, seed=args.seed, device=args.device, out=args.out,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-
     statuses = check_runs(args.runs, args.allow_incomplete)
+    opts = options(args)
     for run_dir in args.runs:
-        rows = measure_run(run_dir, args, statuses[run_dir])
+        rows = measure_run_flatness(run_dir, statuses[run_dir], opts)
         cols = ["model", "sigma", "delta_error", "delta_error_se", "delta_loss", "delta_loss_se"]
         cols += [c for c in ("hessian_top", "hessian_trace") if c in rows[0]]
         note = "" if statuses[run_dir] == "complete" else f", status {statuses[run_dir]}"
@@ -202,6 +123,6 @@ def run(args: argparse.Namespace) -> int:
             f"{rows[0]['n_samples']} samples, {rows[0]['n_draws']} draws{note})"
         )
         print(format_table(rows, cols))
-        where = args.out / run_dir.name if args.out else run_dir / RunFolder.FLATNESS_DIR
+        where = flatness_dir(run_dir, args.out)
         print(f"wrote {where}/local_energy.csv and local_energy.png\n")
     return 0

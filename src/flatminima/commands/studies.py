@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flatminima._table import format_table
 from flatminima.optim.registry import REGISTRY
+from flatminima.studies.compare import compare
+from flatminima.studies.correlation import correlation_study
+from flatminima.studies.executors import make_executor
+from flatminima.studies.presets import load_preset
+from flatminima.studies.report import compare_table_columns
+from flatminima.studies.tune import rank_trials, trial_columns, tune
 from flatminima.train.config import coerce, parse_override
 from flatminima.train.values import to_float, to_int
 
@@ -87,8 +94,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _preset(args: argparse.Namespace) -> Any:
-    from flatminima.studies.presets import load_preset
-
     if args.preset and args.preset_file:
         raise ValueError("Give either --preset or --preset-file, not both")
     source = args.preset_file or args.preset
@@ -122,8 +127,6 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 
 
 def _executor(args: argparse.Namespace) -> Any:
-    from flatminima.studies.executors import make_executor
-
     if args.executor != "submitit":
         return make_executor(args.executor, jobs=args.jobs)
     opts: dict[str, Any] = {
@@ -264,10 +267,6 @@ def _register_study(subparsers: Any) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-    from flatminima.studies.compare import compare
-    from flatminima.studies.report import compare_table_columns
-
     result = compare(
         args.out,
         preset=_preset(args),
@@ -294,9 +293,6 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-    from flatminima.studies.tune import rank_trials, trial_columns, tune
-
     result = tune(
         args.out,
         optimizer=args.optimizer,
@@ -319,9 +315,6 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-    from flatminima.studies.correlation import correlation_study
-
     over: dict[str, Any] = {}
     for key in ("data", "model", "device"):
         if getattr(args, key) is not None:

@@ -6,6 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from flatminima._table import format_table
+from flatminima.data import describe_datasets, download_dataset
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -59,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from flatminima.data import download_dataset
-
     folder = download_dataset(
         args.download, args.root, progress=_progress_bar() if args.progress else None
     )
@@ -69,9 +70,6 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from flatminima._table import format_table
-    from flatminima.data import describe_datasets
-
     rows = describe_datasets(args.root)
     table, missing = [], []
     for r in rows:
