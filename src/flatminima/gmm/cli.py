@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Iterable
 
 from flatminima.gmm.experiment import (
     ESTIMATORS,
@@ -59,7 +60,7 @@ QUICK = dict(
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``gmm`` parser to the top-level CLI's subparsers."""
     p = subparsers.add_parser(
         "gmm",
@@ -191,18 +192,31 @@ def _validate(args: argparse.Namespace) -> StudyConfig:
     return cfg
 
 
-def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+Cells = Iterable[tuple[float, int]]
+
+
+def _progress(args: argparse.Namespace) -> Callable[[Cells, int], Cells] | None:
     if args.no_progress:
         return None
     from tqdm import tqdm
 
-    def progress(it, total):  # type: ignore[no-untyped-def]
+    def progress(it: Cells, total: int) -> Cells:
         return tqdm(it, total=total, desc="gmm cells", unit="cell")
 
     return progress
 
 
-def _figures_and_ranks(args, cfg, rows, summary, theory):  # type: ignore[no-untyped-def]
+Rows = list[dict[str, object]]
+Taus = dict[str, list[dict[str, float]]]
+
+
+def _figures_and_ranks(
+    args: argparse.Namespace,
+    cfg: StudyConfig,
+    rows: Rows,
+    summary: Rows,
+    theory: dict[str, list[ERMTheory]],
+) -> Taus:
     """theory.csv, the two figures and kendall.json; returns the Kendall taus."""
     from flatminima.gmm.plots import plot_eps_vs_alpha, plot_flatness_vs_eps
     from flatminima.gmm.ranking import FLATNESS_MEASURES, kendall_by_alpha
@@ -223,15 +237,18 @@ def _figures_and_ranks(args, cfg, rows, summary, theory):  # type: ignore[no-unt
     return taus
 
 
-def _report(args, rows, summary, theory, taus) -> None:  # type: ignore[no-untyped-def]
+def _report(
+    args: argparse.Namespace, rows: Rows, summary: Rows, theory: dict[str, list[ERMTheory]],
+    taus: Taus,
+) -> None:
     print(_table(summary))
     collapsed = [r for r in rows if as_float(r.get("collapsed")) == 1.0]
     if collapsed:
         print(f"\n{len(collapsed)} collapsed fit(s) (training error at chance or no finite "
               "weights; left out of the Kendall taus):")
         for r in collapsed:
-            print(f"  {r['estimator']} ({r['stop']}) alpha={float(r['alpha']):g} "  # type: ignore[arg-type]
-                  f"seed={int(float(r['seed']))} train error={as_float(r['train_error']):.3f}")  # type: ignore[arg-type]
+            print(f"  {r['estimator']} ({r['stop']}) alpha={as_float(r['alpha']):g} "
+                  f"seed={int(as_float(r['seed']))} train error={as_float(r['train_error']):.3f}")
     if theory:
         print("\nReplica theory (N -> infinity) beside the simulations, eps_g %:")
         print(_theory_table(theory, summary))

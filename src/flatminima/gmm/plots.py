@@ -171,7 +171,7 @@ def plot_eps_vs_alpha(
 def plot_flatness_vs_eps(
     rows: Sequence[dict[str, object]],
     path: str | os.PathLike[str],
-    taus: dict[str, Sequence[dict[str, float]]] | None = None,
+    taus: Mapping[str, Sequence[dict[str, float]]] | None = None,
 ) -> None:
     """Per alpha (columns): matched-error ``sigma*``, raw local energy and, when measured, the
     local free entropy (rows) against ``eps_g``, one point per fit (mean ± SE over seeds);
@@ -200,8 +200,8 @@ def plot_flatness_vs_eps(
             rs = [
                 r
                 for r in rows
-                if float(r["alpha"]) == a
-                and r["estimator"] == name  # type: ignore[arg-type]
+                if as_float(r["alpha"]) == a
+                and r["estimator"] == name
                 and r["stop"] == stop
             ]
             if not rs:

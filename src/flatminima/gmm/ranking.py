@@ -76,13 +76,13 @@ def kendall_by_alpha(
     rng = np.random.default_rng(seed)
     out = []
     for alpha in sorted({float(r["alpha"]) for r in rows}):  # type: ignore[arg-type]
-        rs = [r for r in rows if float(r["alpha"]) == alpha]  # type: ignore[arg-type]
+        rs = [r for r in rows if as_float(r["alpha"]) == alpha]
         fits = sorted({(str(r["estimator"]), str(r["stop"])) for r in rs})
-        seeds = sorted({int(r["seed"]) for r in rs})  # type: ignore[arg-type]
+        seeds = sorted({int(as_float(r["seed"])) for r in rs})
         flat = np.full((len(seeds), len(fits)), np.nan)
         eps = np.full_like(flat, np.nan)
         for r in rs:
-            i = seeds.index(int(r["seed"]))  # type: ignore[arg-type]
+            i = seeds.index(int(as_float(r["seed"])))
             j = fits.index((str(r["estimator"]), str(r["stop"])))
             if as_float(r.get("collapsed")) == 1.0:
                 continue  # a collapsed fit is left out (nan)
