@@ -141,7 +141,7 @@ def assert_replicas_match(
 def assert_summaries_match(single: dict[str, Any], other: dict[str, Any]) -> None:
     assert other["status"] == "complete"
     assert other["steps"] == single["steps"] == STEPS
-    assert other["grad_evals"] == single["grad_evals"]
+    assert other["samples"] == single["samples"]
     for key, value in single["final"].items():
         if key.endswith("_s"):
             continue
@@ -230,7 +230,7 @@ def test_data_parallel_baselines_equal_doubled_batch(two_procs: dict[str, Any], 
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
     single, other = two_procs["single"][name], two_procs["dist"][name]
-    assert other["grad_evals"] == single["grad_evals"]
+    assert other["samples"] == single["samples"]
     assert other["final"]["test_error"] == pytest.approx(single["final"]["test_error"])
 
 

@@ -613,7 +613,7 @@ def test_cli_trains_efficientnet_b0_on_digits(
     assert count_parameters(trained) == efficientnet_b0_count(1, 10)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert int(rows[-1]["grad_evals"]) == 128 and math.isfinite(float(rows[-1]["train_loss"]))
+    assert int(rows[-1]["samples"]) == 128 and math.isfinite(float(rows[-1]["train_loss"]))
     moved = [n for n, p in trained.named_parameters() if not torch.equal(p, fresh.get_parameter(n))]
     assert len(moved) == len(list(trained.parameters()))  # SGD updated every parameter
     stats = trained.stem[1].running_mean

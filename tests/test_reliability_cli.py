@@ -26,7 +26,7 @@ SEEN: list[TrainConfig] = []
 
 def fake_train(cfg, out, **kwargs):
     SEEN.append(cfg)
-    return {"final": {"epoch": 1, "test_error": 0.5}, "grad_evals": 10}
+    return {"final": {"eval_point": 1, "test_error": 0.5}, "samples": 10}
 
 
 @pytest.fixture(autouse=True)

@@ -126,7 +126,7 @@ def test_cli_refuses_a_foreign_folder_with_one_line(tmp_path):
 
 def test_folder_written_before_markers_is_adopted_only_for_its_config(tmp_path):
     cfg = small_cfg(epochs=2)
-    Trainer(cfg, tmp_path / "old").run(max_epochs=1)
+    Trainer(cfg, tmp_path / "old").run(max_eval_points=1)
     (tmp_path / "old" / "run.json").unlink()  # as written by an older version
     shutil.copytree(tmp_path / "old", tmp_path / "old2")
     with pytest.raises(ResumeMismatchError, match="batch_size"):
@@ -139,7 +139,7 @@ def test_status_of_each_stage(tmp_path):
     cfg = small_cfg(epochs=2)
     folder = RunFolder(tmp_path / "run")
     assert folder.status() == "empty"
-    Trainer(cfg, folder.path).run(max_epochs=1)
+    Trainer(cfg, folder.path).run(max_eval_points=1)
     assert folder.status() == "interrupted" and not folder.is_finished(cfg)
     other = RunLock(folder.file(RunFolder.LOCK))
     other.acquire()
@@ -283,7 +283,7 @@ def test_ctrl_c_releases_the_lock_and_the_rerun_resumes_exactly(tmp_path):
 def test_failed_checkpoint_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     cfg = small_cfg(epochs=2)
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.run(max_epochs=1)
+    trainer.run(max_eval_points=1)
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
 
     def full_disk(obj, fh):
@@ -316,7 +316,7 @@ def test_file_size_limit_in_a_real_process_gives_one_line_and_no_temporary(tmp_p
 
 def test_truncated_checkpoint_names_the_file(tmp_path):
     cfg = small_cfg(epochs=2)
-    Trainer(cfg, tmp_path / "run").run(max_epochs=1)
+    Trainer(cfg, tmp_path / "run").run(max_eval_points=1)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     with pytest.raises(RunFileError, match=rf"{ckpt}.*truncated or corrupt"):
@@ -408,7 +408,7 @@ def _flatness(run: Path, *extra: str) -> int:
 
 
 def test_flatness_refuses_incomplete_runs_unless_allowed(tmp_path, capsys):
-    Trainer(small_cfg(epochs=2), tmp_path / "part").run(max_epochs=1)
+    Trainer(small_cfg(epochs=2), tmp_path / "part").run(max_eval_points=1)
     assert _flatness(tmp_path / "part") == 1
     err = capsys.readouterr().err
     assert "is interrupted" in err and "--allow-incomplete" in err
@@ -454,3 +454,75 @@ def test_every_flatness_flag_has_help():
     sub = next(a for a in parser._actions if a.dest == "command").choices["flatness"]
     missing = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
     assert missing == []
+
+
+# ---------------------------------------------------------------------------- unit names
+
+OLD_NAMES = {"samples": "grad_evals", "eval_point": "epoch"}
+
+
+def _old(record: dict) -> dict:
+    """A record as versions before the unit names wrote it (samples/eval_point said
+    grad_evals/epoch), nested final/early_stopped records included."""
+    return {
+        OLD_NAMES.get(k, k): _old(v) if k in ("final", "early_stopped") else v
+        for k, v in record.items()
+    }
+
+
+def _write_old_metrics(folder: RunFolder) -> None:
+    with folder.file(RunFolder.METRICS).open() as fh:
+        rows = list(csv.DictReader(fh))
+    with folder.file(RunFolder.METRICS).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(_old(rows[0])))
+        writer.writeheader()
+        writer.writerows(_old(r) for r in rows)
+
+
+def test_metrics_and_summary_name_their_units(tmp_path):
+    cfg = small_cfg(epochs=2, val_size=64)
+    summary = train(cfg, tmp_path / "run")
+    rows = RunFolder(tmp_path / "run").read_metrics()
+    assert [r["eval_point"] for r in rows] == [1.0, 2.0]
+    # samples through backward: steps x batch size for SGD (one pass per step)
+    assert [r["samples"] for r in rows] == [r["step"] * 32 for r in rows]
+    assert summary["samples"] == summary["steps"] * 32 == rows[-1]["samples"]
+    assert summary["final"]["eval_point"] == 2 and "eval_point" in summary["early_stopped"]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert header[:3] == ["eval_point", "step", "samples"] and "data_epochs" in header
+    assert written["samples"] == summary["samples"] and written["final"]["eval_point"] == 2
+    assert not {"grad_evals", "epoch"} & (set(written) | set(header) | set(written["final"]))
+
+
+def test_run_folder_with_the_old_names_reads_with_the_new_ones(tmp_path):
+    """summary.json, metrics.csv and the checkpoint of a run written with the old key names
+    read back with the new names and the same values; an old checkpoint resumes exactly."""
+    cfg = small_cfg(epochs=3, val_size=64)
+    whole = train(cfg, tmp_path / "whole")
+    Trainer(cfg, tmp_path / "part").run(max_eval_points=1)
+    part = RunFolder(tmp_path / "part")
+    ckpt = part.read_checkpoint()
+    ckpt["epoch"] = ckpt.pop("eval_point")
+    ckpt["history"] = [_old(r) for r in ckpt["history"]]
+    part.save_checkpoint(ckpt)
+    _write_old_metrics(part)
+    assert "grad_evals" in part.file(RunFolder.METRICS).read_text()
+    assert load_run(part.path).eval_point == 1
+    resumed = train(cfg, part.path)  # the old checkpoint resumes to the same end
+    drop = ("train_time_s", "eval_time_s")
+    assert {k: v for k, v in resumed["final"].items() if k not in drop} == {
+        k: v for k, v in whole["final"].items() if k not in drop
+    }
+    assert resumed["samples"] == whole["samples"]
+    assert part.read_metrics()[0]["samples"] == RunFolder(tmp_path / "whole").read_metrics()[0][
+        "samples"
+    ]
+    folder = RunFolder(tmp_path / "whole")
+    new_summary, new_rows = folder.summary(), folder.read_metrics()
+    folder.write_summary(_old(new_summary))
+    _write_old_metrics(folder)
+    assert "grad_evals" in folder.file(RunFolder.SUMMARY).read_text()
+    assert folder.summary() == new_summary
+    assert folder.read_metrics() == new_rows
+    assert folder.is_complete(cfg)  # and a study skips it as before

@@ -488,7 +488,7 @@ def test_compare_parallel_jobs_and_both_budgets_share_sgd_runs(tmp_path):
     err = {(r["budget"], r["arm"]): r["test_error"] for r in par.runs}
     for r in ser.runs:
         assert err[("grad-evals", r["arm"])] == r["test_error"]
-    evals = {(r["budget"], r["arm"]): r["grad_evals"] for r in par.runs}
+    evals = {(r["budget"], r["arm"]): r["samples"] for r in par.runs}
     assert evals[("epochs", "sgd")] == evals[("grad-evals", "sgd")]
     assert evals[("epochs", "rsgd")] > 1.9 * evals[("grad-evals", "rsgd")]
     with pytest.raises(ValueError, match="jobs"):

@@ -145,7 +145,7 @@ def test_collapsed_run_is_flagged_and_controls_are_generated(tmp_path):
     assert "collapsed" in (tmp_path / "report.md").read_text()
     assert {r["subset"] for r in res.paired} == {"all", "without collapsed"}
     # compute-matched SGD for every multi-pass arm, the large-batch control for rSGD
-    evals = {r["optimizer"]: r["grad_evals"] for r in res.table if r.get("grad_evals")}
+    evals = {r["optimizer"]: r["samples"] for r in res.table if r.get("samples")}
     assert evals[control_label("rsgd")] == evals["rsgd"] == 2 * evals["sgd"]
     assert evals[control_label("sam")] == evals["sam"] == 2 * evals["sgd"]
     assert rows["sgd-large-batch"]["optimizer"] == "sgd-large-batch"
@@ -182,7 +182,7 @@ def test_submitit_local_equals_local_pool_and_resumes_after_a_killed_worker(tmp_
     # a worker killed mid-run: one run stopped after its first epoch (checkpoint, no summary)
     out = tmp_path / "sub"
     sgd_cfg = TrainConfig.from_dict({**ref.configs["grad-evals"]["sgd"], "seed": 0})
-    Trainer(sgd_cfg, out / "runs/grad-evals/sgd/seed0", progress=False).run(max_epochs=1)
+    Trainer(sgd_cfg, out / "runs/grad-evals/sgd/seed0", progress=False).run(max_eval_points=1)
     assert (out / "runs/grad-evals/sgd/seed0/checkpoint.pt").is_file()
     assert not (out / "runs/grad-evals/sgd/seed0/summary.json").exists()
     ex = make_executor(

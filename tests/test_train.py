@@ -89,7 +89,7 @@ def test_equal_grad_eval_budget(optimizer, extra):
     cfg = small_cfg(optimizer=optimizer, epochs=6, batch_size=32, **extra)
     trainer = Trainer(cfg, data=data)
     plan = trainer.plan
-    assert plan.total_grad_evals == pytest.approx(6 * 960, rel=0.02)
+    assert plan.total_samples == pytest.approx(6 * 960, rel=0.02)
     per_replica_epochs = plan.total_steps * trainer.algo.batches_per_step * 32 / 960
     expected = {"sgd": 6, "sam": 3, "rsgd": 2, "esgd": 6}[optimizer]
     assert per_replica_epochs == pytest.approx(expected, rel=0.02)
@@ -100,7 +100,7 @@ def test_equal_epochs_budget_is_per_replica():
     cfg = small_cfg(optimizer="rsgd", num_replicas=3, epochs=2, budget="epochs")
     trainer = Trainer(cfg, data=data)
     assert trainer.plan.total_steps == 2 * (960 // 32)
-    assert trainer.plan.total_grad_evals == 3 * 2 * 960
+    assert trainer.plan.total_samples == 3 * 2 * 960
 
 
 def test_lr_schedules():
@@ -129,8 +129,8 @@ def test_run_folder_contents_and_skip_when_complete(tmp_path):
     assert {"config.yaml", "metrics.csv", "checkpoint.pt", "summary.json"} <= files
     assert summary["status"] == "complete"
     rows = read_metrics(tmp_path / "run")
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert int(rows[-1]["grad_evals"]) == summary["grad_evals"] > 0
+    assert [int(r["eval_point"]) for r in rows] == [1, 2]
+    assert int(rows[-1]["samples"]) == summary["samples"] > 0
     assert float(rows[-1]["test_error"]) < 0.5  # learnt something on an easy mixture
     mtime = (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns
     again = train(cfg, tmp_path / "run")  # complete: skipped, nothing rewritten
@@ -142,7 +142,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     from flatminima.train import ResumeMismatchError
 
     cfg = small_cfg(epochs=2)
-    Trainer(cfg, tmp_path / "run").run(max_epochs=1)  # one epoch, checkpointed, not finished
+    Trainer(cfg, tmp_path / "run").run(max_eval_points=1)  # one epoch, checkpointed, not finished
     with pytest.raises(ResumeMismatchError, match="lr"):
         train(cfg.replace(lr=0.1), tmp_path / "run")
 
@@ -155,7 +155,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, optimizer):
     }.get(optimizer, {})
     cfg = small_cfg(optimizer=optimizer, epochs=3, **extra)
     full = train(cfg, tmp_path / "full")
-    assert Trainer(cfg, tmp_path / "part").run(max_epochs=1)["status"] == "incomplete"
+    assert Trainer(cfg, tmp_path / "part").run(max_eval_points=1)["status"] == "incomplete"
     resumed = train(cfg, tmp_path / "part")
     assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "part")
     assert resumed["final"]["test_error"] == full["final"]["test_error"]
@@ -230,7 +230,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = small_cfg(epochs=4, lr=1e-3)
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.run(max_epochs=1)
+    trainer.run(max_eval_points=1)
     good = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     real_loss = trainer.algo.loss
     calls = []
@@ -406,7 +406,7 @@ def test_checkpoint_loads_whatever_device_map_location_put_rng_states_on(tmp_pat
     bring them back (a bug found on a GPU). Simulated here with a wrapper tensor whose .cpu()
     is the only way back to the real state."""
     cfg = small_cfg(optimizer="esgd", inner_steps=2, epochs=2)
-    Trainer(cfg, tmp_path / "run").run(max_epochs=1)
+    Trainer(cfg, tmp_path / "run").run(max_eval_points=1)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
 
     class Moved:  # stands for a CUDA tensor: usable only after .cpu()

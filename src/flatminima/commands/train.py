@@ -41,7 +41,8 @@ _HELP = {
     "weight_decay": "L2 weight decay (>= 0)",
     "batch_size": "minibatch size per network / replica",
     "epochs": "budget in epochs (see --budget)",
-    "budget": "grad-evals: equal gradient evaluations (default); epochs: epochs per replica",
+    "budget": "grad-evals: equal samples through backward (default); epochs: epochs of data "
+    "per replica",
     "lr_schedule": "constant, cosine or step (see --lr-milestones, --lr-decay)",
     "warmup_epochs": "linear learning-rate warm-up over this many epochs",
     "lr_milestones": "step schedule: fractions of the run where lr is multiplied by --lr-decay, "
@@ -68,7 +69,8 @@ _HELP = {
     "rho": "SAM: radius of the ascent step",
     "adaptive": "SAM: adaptive (ASAM) ascent, scaled by |w|",
     # flatness during training
-    "flatness_epochs": "epochs at which to measure the local energy (-1: last), e.g. '1,5,-1'",
+    "flatness_epochs": "evaluation points at which to measure the local energy (-1: last), "
+    "e.g. '1,5,-1'",
     "flatness_sigmas": "local-energy noise strengths, e.g. '0.05,0.1,0.2'",
     "flatness_draws": "local energy: noise draws per sigma",
     "flatness_samples": "local energy: fixed training subset size",
@@ -146,7 +148,7 @@ def register(subparsers: Any) -> None:
         "train",
         help=f"train one network ({', '.join(REGISTRY)}) into a run folder",
         description="Train one network. The run folder gets config.yaml, metrics.csv, "
-        "checkpoint.pt (every epoch) and summary.json; running the same command again "
+        "checkpoint.pt (every evaluation point) and summary.json; running the same command again "
         "resumes an interrupted run and skips a finished one.",
     )
     p.add_argument("--config", type=Path, help="YAML file of config keys (flags override it)")
@@ -226,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
     cols = [
         c
         for c in (
-            "epoch",
-            "grad_evals",
+            "eval_point",
+            "samples",
             "train_loss",
             "train_error",
             "val_error",
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     label = "centre of the replicas" if REGISTRY[cfg.optimizer].needs_replicas else "model"
     print(
         f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: test error {final['test_error']:.2%} "
-        f"({label}), {summary['grad_evals']:,} gradient evaluations "
+        f"({label}), {summary['samples']:,} samples through backward "
         f"[budget: {cfg.epochs:g} epochs, {cfg.budget}]"
     )
     print(f"run folder: {out}")

@@ -121,7 +121,7 @@ class DistributedReplicatedSGD(Optimizer):
         )
         super().__init__([self.flat], defaults)
         self.steps = 0
-        self.grad_evals = 0
+        self.grad_evals = 0  # backward passes of one minibatch (alias: passes)
         self._averaged = False  # average_gradients() called this step
         self._coupled_done = False  # couple() called this step
         self._coupled = False  # ... and it added the coupling (and the weight decay)
@@ -257,6 +257,12 @@ class DistributedReplicatedSGD(Optimizer):
         self._coupled_done = False
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def passes(self) -> int:
+        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
+        (read-only; samples through backward = passes x batch size)."""
+        return self.grad_evals
+
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state (the flat momentum buffer) plus the step counters."""
         sd = super().state_dict()

@@ -6,9 +6,9 @@ There is one training loop, :class:`flatminima.train.Trainer`; a distributed run
 - build this process's share of the algorithm (:mod:`flatminima.distributed.algorithms`);
 - let rank 0 alone write the run folder (``config.yaml``, ``metrics.csv``, ``checkpoint.pt``,
   ``summary.json``, plus ``distributed.json`` with the process layout) and hold its lock;
-- after every epoch gather each rank's state (model, optimizer, loaders, RNG) on rank 0, which
-  writes it atomically as *one* checkpoint; on resume rank 0 reads it and scatters each rank its
-  own state, so the run folder need not be on a shared file system;
+- after every evaluation point gather each rank's state (model, optimizer, loaders, RNG) on
+  rank 0, which writes it atomically as *one* checkpoint; on resume rank 0 reads it and scatters
+  each rank its own state, so the run folder need not be on a shared file system;
 - evaluate the centre once, on rank 0, while the others wait on a control group with a long
   timeout;
 - turn a collective that fails because a peer died (its sockets close: detected at once) or hung
@@ -157,7 +157,8 @@ class TorchDistributedSync(LocalSync):
         )
         msg = (
             f"rank {ctx.rank}/{ctx.world_size}: a collective failed at step "
-            f"{trainer.step} (epoch {trainer.epoch + 1}): another process died, or did not "
+            f"{trainer.step} (evaluation point {trainer.eval_point + 1}): another process died, "
+            "or did not "
             f"answer within {ctx.timeout_s:g} s{where}. Cause: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         )

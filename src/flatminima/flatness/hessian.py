@@ -94,7 +94,9 @@ class HessianOperator:
                 pairs = [(g, vi) for g, vi in zip(grads, vs) if g is not None]
                 if not pairs:
                     continue
-                dot = sum((g * vi).sum() for g, vi in pairs)
+                dot = pairs[0][0].new_zeros(())
+                for g, vi in pairs:
+                    dot = dot + (g * vi).sum()
                 hv = torch.autograd.grad(dot, self.params, allow_unused=True)
                 for acc, h in zip(out, hv):
                     if h is not None:

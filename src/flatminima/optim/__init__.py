@@ -11,8 +11,9 @@ sam     ``SAM``                                 required         no        2
 
 "required" means ``step(closure)`` must be used (or the phase API: ``inner_step``/``outer_step``
 for Entropy-SGD, ``first_step``/``second_step`` for SAM). Every flatminima optimizer counts
-gradient evaluations in ``grad_evals`` (saved in its ``state_dict``). These facts live in one
-place, :data:`flatminima.optim.registry.REGISTRY`, which every other module reads.
+backward passes of one minibatch in ``grad_evals`` (saved in its ``state_dict``; read-only alias
+``passes``). These facts live in one place, :data:`flatminima.optim.registry.REGISTRY`, which
+every other module reads.
 
 Without a closure (a plain ``loss.backward(); opt.step()`` loop, Lightning, the Hugging Face
 Trainer): ``EntropySGD(..., one_batch_per_step=True)`` makes every ``step()`` one Langevin step on

@@ -105,7 +105,7 @@ class EntropySGD(Optimizer):
     with ``noise != 0``; never from the global RNG. The generators' states are part of
     :meth:`state_dict`.
 
-    Cost: ``inner_steps`` gradient evaluations per outer step (:attr:`grad_evals`); memory: four
+    Cost: ``inner_steps`` backward passes per outer step (:attr:`grad_evals`); memory: four
     extra copies of the parameters (anchor, displacement, mu offset, momentum or the base
     optimizer's state) and the noise buffer.
 
@@ -213,7 +213,7 @@ class EntropySGD(Optimizer):
         self.inner_steps = inner_steps
         self.seed = seed
         self.one_batch_per_step = one_batch_per_step
-        self.grad_evals = 0
+        self.grad_evals = 0  # backward passes of one minibatch (alias: passes)
         self.outer_steps = 0
         self._inner_count = 0
         self._anchored = False
@@ -667,6 +667,12 @@ class EntropySGD(Optimizer):
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def passes(self) -> int:
+        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
+        (read-only; samples through backward = passes x batch size)."""
+        return self.grad_evals
+
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state plus counters, the noise generators' and the base's state.
 

@@ -767,7 +767,7 @@ class ReplicatedSGD(Optimizer):
         self.replicas = replicas
         self.backend = backend
         self.fused = fused
-        self.grad_evals = 0
+        self.grad_evals = 0  # backward passes of one minibatch (alias: passes)
         self.steps = 0
         self.base: Optimizer | None = None
         self._ready = False
@@ -950,6 +950,12 @@ class ReplicatedSGD(Optimizer):
             total = w.sum(0, keepdim=True) if couple else None
             fn(w.detach(), w.grad, buf, total, scal, len(self.replicas), group["nesterov"])
         return True
+
+    @property
+    def passes(self) -> int:
+        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
+        (read-only; samples through backward = passes x batch size)."""
+        return self.grad_evals
 
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state (``[y, N]`` momenta) plus the counters (and the base's state)."""

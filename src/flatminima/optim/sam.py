@@ -89,7 +89,7 @@ class SAM(Optimizer):
         w <- w + e ; g_sam = grad E(w + e) ; w <- w - e (restored exactly from a copy)
         base_optimizer.step() with gradient g_sam
 
-    Cost: 2 gradient evaluations per step (:attr:`grad_evals`). With ``rho=0`` the step is
+    Cost: 2 backward passes per step (:attr:`grad_evals`). With ``rho=0`` the step is
     exactly the base optimizer's step.
 
     Two ways to drive it, equal bit for bit on the same minibatch:
@@ -163,7 +163,7 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
-        self.grad_evals = 0
+        self.grad_evals = 0  # backward passes of one minibatch (alias: passes)
         self._backup: list[tuple[Tensor, Tensor]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -325,6 +325,12 @@ class SAM(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients (delegates to the base optimizer)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def passes(self) -> int:
+        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
+        (read-only; samples through backward = passes x batch size)."""
+        return self.grad_evals
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (groups carry ``rho``/``adaptive``) plus counters."""

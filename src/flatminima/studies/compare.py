@@ -148,7 +148,8 @@ class CompareResult:
             matched training error), per sigma.
         tuning: ``{budget: {arm: tuning.json contents}}`` (empty when not tuned).
         runs: one record per run (final metrics and local energy).
-        curves: learning curves, ``{budget: {arm: {"grad_evals", "mean", "se"}}}``.
+        curves: learning curves, ``{budget: {arm: {"samples", "mean", "se"}}}`` (``samples``:
+            samples through backward at each evaluation point).
         energy: local-energy curves, ``{budget: {arm: {"sigmas", "mean", "se"}}}``.
         configs: resolved configuration of each arm, ``{budget: {arm: config dict}}``.
         settings: the comparison's settings (seeds, budgets, sigmas, preset).
@@ -222,18 +223,18 @@ def _clean(x: float) -> float:
 
 
 def _curve(runs: list[dict[str, Any]], key: str = "test_error") -> dict[str, list[float]]:
-    """Mean and SE over seeds per epoch index (runs of one arm share their epoch grid)."""
+    """Mean and SE over seeds per evaluation point (runs of one arm share their grid)."""
     histories = [r["history"] for r in runs if r["history"] and r["status"] == "complete"]
     if not histories:
-        return {"grad_evals": [], "mean": [], "se": []}
+        return {"samples": [], "mean": [], "se": []}
     length = min(len(h) for h in histories)
     ge, mean, se = [], [], []
     for i in range(length):
         s = summarize([h[i].get(key, math.nan) for h in histories])
-        ge.append(float(np.mean([h[i]["grad_evals"] for h in histories])))
+        ge.append(float(np.mean([h[i]["samples"] for h in histories])))
         mean.append(s["mean"])
         se.append(0.0 if math.isnan(s["se"]) else s["se"])
-    return {"grad_evals": ge, "mean": mean, "se": se}
+    return {"samples": ge, "mean": mean, "se": se}
 
 
 def _passes_per_sample(cfg: TrainConfig) -> int | float:
@@ -534,8 +535,8 @@ def _run_record(plan: ComparePlan, b: str, label: str, s: int, data: DataCache) 
         "train_loss": loss,
         "val_error": final.get("val_error"),
         "early_stopped_test_error": es.get("test_error"),
-        "early_stopped_epoch": es.get("epoch"),
-        "grad_evals": summary.get("grad_evals"),
+        "early_stopped_eval_point": es.get("eval_point"),
+        "samples": summary.get("samples"),
         "train_time_s": summary.get("train_time_s"),
         "local_energy_sigmas": flat["sigmas"],
         "local_energy_error": flat["delta_error"],
@@ -674,8 +675,8 @@ def _arm_row(b: str, arm: str, rs: list[dict[str, Any]], sig: list[float]) -> di
         es = summarize([r["local_energy_error"][i] for r in rs])
         row[f"dE({s:g})"] = _clean(es["mean"])
         row[f"dE({s:g})_se"] = es["se"]
-    ge = [r["grad_evals"] for r in rs if r["status"] == "complete"]
-    row["grad_evals"] = int(np.mean(ge)) if ge else None
+    ge = [r["samples"] for r in rs if r["status"] == "complete"]
+    row["samples"] = int(np.mean(ge)) if ge else None
     row["train_time_s"] = summarize([r["train_time_s"] for r in rs])["mean"]
     return row
 

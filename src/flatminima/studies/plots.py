@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flatminima.optim.registry import REGISTRY
+from flatminima.train.run_folder import current_names
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ def _save(fig: Any, path: str | Path) -> Path:
 def plot_learning_curves(
     curves: Curves, path: str | Path, *, title: str, ylabel: str = "test error"
 ) -> Path:
-    """Test error against gradient evaluations, mean +- SE band over seeds, one line per arm.
+    """Test error against samples through backward, mean +- SE band over seeds, one line per arm.
 
     Args:
-        curves: ``{arm: {"grad_evals": [...], "mean": [...], "se": [...]}}``.
+        curves: ``{arm: {"samples": [...], "mean": [...], "se": [...]}}`` (the old name
+            ``grad_evals`` of ``samples`` is read too).
         path: output PNG.
         title: figure title (say which budget).
         ylabel: y-axis label.
@@ -90,13 +92,14 @@ def plot_learning_curves(
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     colors = arm_colors(list(curves))
-    for arm, c in curves.items():
-        if not c["grad_evals"]:
+    for arm, curve in curves.items():
+        c = current_names(curve)
+        if not c["samples"]:
             continue
-        x, m, s = (np.asarray(c[k], dtype=float) for k in ("grad_evals", "mean", "se"))
+        x, m, s = (np.asarray(c[k], dtype=float) for k in ("samples", "mean", "se"))
         ax.plot(x, m, marker="o", ms=3, label=arm, color=colors[arm])
         ax.fill_between(x, m - s, m + s, color=colors[arm], alpha=0.2, lw=0)
-    ax.set_xlabel("gradient evaluations (samples through backward)")
+    ax.set_xlabel("samples through backward")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -65,7 +65,7 @@ def compare_table_columns(result: CompareResult) -> list[str]:
     cols = ["optimizer", "seeds", "collapsed", "test_error", "test_error_std", "test_error_se"]
     cols += ["test_error_without_collapsed", "train_error"]
     cols += [f"dE({s:g})" for s in result.settings["sigmas"]]
-    cols += ["grad_evals", "train_time_s"]
+    cols += ["samples", "train_time_s"]
     if len(result.settings["budgets"]) > 1:
         cols.insert(0, "budget")
     return cols

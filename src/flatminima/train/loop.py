@@ -5,11 +5,12 @@ A run folder holds:
 ``config.yaml``
     the resolved :class:`~flatminima.train.config.TrainConfig`;
 ``metrics.csv``
-    one row per epoch: gradient evaluations, learning rate, coupling, training loss, and the
+    one row per evaluation point (``eval_point``): samples through backward (``samples``),
+    epochs of data (``data_epochs``), learning rate, coupling, training loss, and the
     loss/error of the evaluated network(s) on train subset, validation and test sets;
 ``checkpoint.pt``
-    written atomically after every epoch: model(s), optimizer, schedulers, RNG and data-order
-    state, metrics history. A killed run resumes from it and ends with the same numbers;
+    written atomically after every evaluation point: model(s), optimizer, schedulers, RNG and
+    data-order state, metrics history. A killed run resumes from it and ends with the same numbers;
 ``summary.json``
     the final result (``status`` is ``complete`` or ``diverged``);
 
@@ -47,6 +48,7 @@ from flatminima.train.run_folder import (
     RunFolder,
     RunFolderError,
     RunFolderLocked,
+    current_names,
 )
 
 log = logging.getLogger(__name__)
@@ -74,31 +76,37 @@ class DivergenceError(RuntimeError):
 
 @dataclass
 class Plan:
-    """How a budget maps onto optimizer steps and evaluation points."""
+    """How a budget maps onto optimizer steps and evaluation points.
+
+    Units (docs/design.md, "Budget units"): *samples* are examples through backward (one
+    backward pass of a minibatch of ``B`` is ``B`` samples); an *evaluation point* is one
+    metrics row and checkpoint, ``num_eval_points`` of them evenly spaced in steps.
+    """
 
     steps_per_epoch: int  # optimizer steps per epoch of data (per stream)
     total_steps: int
-    num_epochs: int  # evaluation points ("epochs" of the metrics), evenly spaced in steps
+    num_eval_points: int  # metrics rows / checkpoints over the run, evenly spaced in steps
     train_size: int
-    grad_evals_per_step: int  # samples through backward per optimizer step
+    samples_per_step: int  # samples through backward per optimizer step (passes x batch size)
 
     @property
-    def total_grad_evals(self) -> int:
-        return self.total_steps * self.grad_evals_per_step
+    def total_samples(self) -> int:
+        """Samples through backward over the whole run."""
+        return self.total_steps * self.samples_per_step
 
-    def epoch_end(self, epoch: int) -> int:
-        """The optimizer step at which evaluation point ``epoch`` (1-based) falls."""
-        return round(epoch * self.total_steps / self.num_epochs)
+    def eval_point_step(self, point: int) -> int:
+        """The optimizer step at which evaluation point ``point`` (1-based) falls."""
+        return round(point * self.total_steps / self.num_eval_points)
 
 
 def make_plan(cfg: TrainConfig, algo: Algorithm, train_size: int) -> Plan:
     """Translate ``cfg.epochs`` under ``cfg.budget`` into a number of optimizer steps.
 
     An epoch of data is ``train_size // batch_size`` full batches (the loader drops the last
-    incomplete one). ``grad-evals``: the run may spend ``epochs`` epochs of gradient evaluations,
-    whatever one step costs (SAM 2 passes, rSGD y, eSGD L). ``epochs``: every stream sees
-    ``epochs`` epochs of data (eSGD: ``epochs`` epochs of inner minibatches, so for SGD and eSGD
-    both budgets give the same run).
+    incomplete one). ``grad-evals``: the run may spend ``epochs`` epochs' worth of samples
+    through backward, whatever one step costs (SAM 2 passes, rSGD y, eSGD L). ``epochs``:
+    every stream sees ``epochs`` epochs of data (eSGD: ``epochs`` epochs of inner minibatches,
+    so for SGD and eSGD both budgets give the same run).
     """
     batches = train_size // cfg.batch_size
     if batches < algo.batches_per_step:
@@ -318,7 +326,7 @@ class Trainer:
             self.algo.optimizer, lr_factor(cfg, self.plan)
         )
         self.step = 0
-        self.epoch = 0
+        self.eval_point = 0  # evaluation points done (metrics rows)
         self.history: list[dict[str, Any]] = []
         self.train_time = 0.0
         n_eval = min(cfg.train_eval_samples or len(self.data.train), len(self.data.train))
@@ -381,7 +389,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state() if active else self._rng.clone(),
             "cuda_rng": cuda if torch.cuda.is_available() else None,
             "step": self.step,
-            "epoch": self.epoch,
+            "eval_point": self.eval_point,
             "history": self.history,
             "train_time": self.train_time,
             "config": self.cfg.numerics(),
@@ -403,8 +411,9 @@ class Trainer:
             if self._cuda_rng is not None:
                 torch.cuda.set_rng_state_all(self._cuda_rng)
         self.step = state["step"]
-        self.epoch = state["epoch"]
-        self.history = list(state["history"])
+        # checkpoints written before the rename say "epoch" (and old names in the history)
+        self.eval_point = state["eval_point"] if "eval_point" in state else state["epoch"]
+        self.history = [current_names(row) for row in state["history"]]
         self.train_time = state["train_time"]
 
     # ------------------------------------------------------------------ evaluation
@@ -454,8 +463,10 @@ class Trainer:
             row["ensemble_test_loss"], row["ensemble_test_error"] = evaluate_ensemble(
                 members, self.data.test, batch_size=bs
             )
-        if self.epoch in cfg.flatness_epochs or (
-            cfg.flatness_epochs and -1 in cfg.flatness_epochs and self.epoch == self.plan.num_epochs
+        if self.eval_point in cfg.flatness_epochs or (
+            cfg.flatness_epochs
+            and -1 in cfg.flatness_epochs
+            and self.eval_point == self.plan.num_eval_points
         ):
             row.update(self._flatness(next(iter(models.values()))))
         torch.set_rng_state(rng)
@@ -482,15 +493,18 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ running
-    def run(self, max_epochs: int | None = None) -> dict[str, Any]:
+    def run(
+        self, max_eval_points: int | None = None, *, max_epochs: int | None = None
+    ) -> dict[str, Any]:
         """Train to the end of the budget (resuming if the run folder has a checkpoint).
 
         A folder that holds the finished run of this config is not trained again: a complete
         run returns its summary, a diverged one raises its :class:`DivergenceError` again.
 
         Args:
-            max_epochs: stop after this many epochs of this call (the run stays resumable and no
-                summary is written unless the budget is used up).
+            max_eval_points: stop after this many evaluation points of this call (the run stays
+                resumable and no summary is written unless the budget is used up).
+            max_epochs: the former name of ``max_eval_points`` (it counted evaluation points).
 
         Raises:
             DivergenceError: the loss became NaN/inf (now, or when the run was trained).
@@ -501,14 +515,14 @@ class Trainer:
         """
         try:
             with self._own_rng(), determinism(self.cfg.deterministic, self.device):
-                return self._run(max_epochs)
+                return self._run(max_eval_points if max_epochs is None else max_epochs)
         except BaseException as exc:
             failure = self.sync.failure(exc, self)
             if failure is None:
                 raise
             raise failure from exc
 
-    def _run(self, max_epochs: int | None) -> dict[str, Any]:
+    def _run(self, max_eval_points: int | None) -> dict[str, Any]:
         try:
             finished, state = self._start()
             if finished is not None:
@@ -521,9 +535,10 @@ class Trainer:
                 return finished
             if state is not None:
                 self.load_state_dict(state)
-                log.info("resumed %s at epoch %d (step %d)", self.out_dir, self.epoch, self.step)
+                log.info("resumed %s at evaluation point %d (step %d)", self.out_dir,
+                         self.eval_point, self.step)
             self._open_outputs()
-            return self._train(max_epochs)
+            return self._train(max_eval_points)
         finally:
             if self.folder is not None:
                 self.folder.close()
@@ -583,7 +598,7 @@ class Trainer:
         if self.cfg.tensorboard:
             self._open_tensorboard()
 
-    def _train(self, max_epochs: int | None) -> dict[str, Any]:
+    def _train(self, max_eval_points: int | None) -> dict[str, Any]:
         cfg = self.cfg
         bar = None
         if self.progress:
@@ -599,10 +614,10 @@ class Trainer:
         done = 0
         try:
             while self.step < self.plan.total_steps:
-                if max_epochs is not None and done >= max_epochs:
+                if max_eval_points is not None and done >= max_eval_points:
                     final = self.history[-1] if self.history else {}
                     return {"status": "incomplete", "steps": self.step, "final": final}
-                self._run_epoch(bar)
+                self._run_to_eval_point(bar)
                 done += 1
         except DivergenceError as exc:
             self._finish("diverged", message=str(exc))
@@ -615,14 +630,14 @@ class Trainer:
                 self._tb = None
         return self._finish("complete")
 
-    def _run_epoch(self, bar: Any) -> None:
+    def _run_to_eval_point(self, bar: Any) -> None:
         # Each loader is a cursor over an endless seeded stream of epochs; steps that use
         # several batches (eSGD) may straddle an epoch boundary, and a resumed run continues
         # from the saved cursor.
         if self._streams is None:
             self._streams = [_endless(ld) for ld in self.loaders]
         streams = self._streams
-        steps = self.plan.epoch_end(self.epoch + 1) - self.step
+        steps = self.plan.eval_point_step(self.eval_point + 1) - self.step
 
         def next_batch(stream: int) -> tuple[torch.Tensor, torch.Tensor]:
             return next(streams[stream])
@@ -640,11 +655,11 @@ class Trainer:
             self.step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
+                bar.set_postfix(loss=f"{loss:.4f}", point=self.eval_point + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.train_time += time.perf_counter() - t0
-        self.epoch += 1
+        self.eval_point += 1
         self._record(steps, float(loss_sum))
         self._checkpoint()
 
@@ -653,9 +668,9 @@ class Trainer:
         cfg = self.cfg
         t1 = time.perf_counter()
         row: dict[str, Any] = {
-            "epoch": self.epoch,
+            "eval_point": self.eval_point,
             "step": self.step,
-            "grad_evals": self.step * self.plan.grad_evals_per_step,
+            "samples": self.step * self.plan.samples_per_step,
             "data_epochs": self.step * self.algo.batches_per_step * cfg.batch_size
             / self.plan.train_size,
             "lr": self.algo.optimizer.param_groups[0]["lr"],
@@ -667,8 +682,8 @@ class Trainer:
         row["eval_time_s"] = time.perf_counter() - t1
         self.history.append(row)
         log.info(
-            "epoch %d: %s",
-            self.epoch,
+            "evaluation point %d: %s",
+            self.eval_point,
             ", ".join(
                 f"{k}={v:.4g}"
                 for k, v in row.items()
@@ -690,14 +705,15 @@ class Trainer:
 
     def _diverged(self, loss: float) -> None:
         msg = (
-            f"training loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
+            f"training loss became {loss} at step {self.step + 1} (evaluation point "
+            f"{self.eval_point + 1}); "
             "stopping. Lower lr (or gamma/inner_lr); "
         )
         if self.folder is None:
             msg += "nothing was saved (no run folder)"
-        elif self.epoch > 0 and self.folder.file(RunFolder.CHECKPOINT).is_file():
-            msg += (f"the last good checkpoint (epoch {self.epoch}, step "
-                    f"{self.plan.epoch_end(self.epoch)}) is kept in "
+        elif self.eval_point > 0 and self.folder.file(RunFolder.CHECKPOINT).is_file():
+            msg += (f"the last good checkpoint (evaluation point {self.eval_point}, step "
+                    f"{self.plan.eval_point_step(self.eval_point)}) is kept in "
                     f"{self.folder.file(RunFolder.CHECKPOINT)}")
         else:
             msg += "no checkpoint was written (it diverged before the first evaluation point)"
@@ -717,16 +733,16 @@ class Trainer:
             "epochs_budget": self.cfg.epochs,
             "steps": self.step,
             "total_steps": self.plan.total_steps,
-            "grad_evals": self.step * self.plan.grad_evals_per_step,
+            "samples": self.step * self.plan.samples_per_step,
             "train_time_s": self.train_time,
             "final": final,
             "config": self.cfg.numerics(),
         }
         vals = [r for r in self.history if "val_error" in r]
         if vals:
-            best = min(vals, key=lambda r: (r["val_error"], r["epoch"]))
+            best = min(vals, key=lambda r: (r["val_error"], r["eval_point"]))
             summary["early_stopped"] = {
-                "epoch": best["epoch"],
+                "eval_point": best["eval_point"],
                 "val_error": best["val_error"],
                 "test_error": best["test_error"],
             }

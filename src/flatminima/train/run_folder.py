@@ -60,7 +60,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -78,8 +78,10 @@ __all__ = [
     "RunFolderError",
     "RunFolderLocked",
     "RunLock",
+    "RENAMED_KEYS",
     "atomic_writer",
     "config_hash",
+    "current_names",
     "data_record",
 ]
 
@@ -88,6 +90,38 @@ log = logging.getLogger(__name__)
 #: Statuses of a finished run: training again with the same config would change nothing.
 FINISHED: tuple[str, ...] = ("complete", "diverged")
 MARKER_FORMAT = "flatminima-run"
+
+#: Keys of metrics rows and summaries that were renamed so that names say their unit (old ->
+#: new): ``grad_evals`` counted samples through backward, ``epoch`` the evaluation point.
+RENAMED_KEYS: dict[str, str] = {"grad_evals": "samples", "epoch": "eval_point"}
+
+#: Records inside a summary (or a checkpoint) whose keys are metrics names too.
+_NESTED = ("final", "early_stopped")
+
+
+def current_names(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics row, summary or results row with today's key names (see :data:`RENAMED_KEYS`).
+
+    Run folders and CSVs written before the rename said ``grad_evals`` and ``epoch``; their
+    values are kept under the new names, in place (a key already present under its new name
+    wins). A summary's ``final`` row and ``early_stopped`` record are renamed too; every other
+    value (the ``config``, say) is left as it is. This is the one place that knows the old names.
+
+    Example:
+        >>> current_names({"epoch": 2, "grad_evals": 640, "data_epochs": 1.0})
+        {'eval_point': 2, 'samples': 640, 'data_epochs': 1.0}
+        >>> current_names({"samples": 64, "final": {"epoch": 1}})
+        {'samples': 64, 'final': {'eval_point': 1}}
+    """
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        new = RENAMED_KEYS.get(key, key)
+        if new != key and new in record:
+            continue
+        if key in _NESTED and isinstance(value, Mapping):
+            value = current_names(value)
+        out[new] = value
+    return out
 
 
 class RunFolderError(ValueError):
@@ -238,8 +272,10 @@ class RunFolder:
         return value if isinstance(value, dict) else None
 
     def summary(self) -> dict[str, Any] | None:
-        """``summary.json`` as a dict, or ``None`` when the run has not ended."""
-        return self.read_json(self.SUMMARY)
+        """``summary.json`` as a dict (today's key names, :func:`current_names`), or ``None``
+        when the run has not ended."""
+        summary = self.read_json(self.SUMMARY)
+        return current_names(summary) if summary is not None else None
 
     def marker(self) -> dict[str, Any] | None:
         """The marker ``run.json`` if it is a flatminima marker, else ``None``."""
@@ -290,13 +326,16 @@ class RunFolder:
         return TrainConfig.from_yaml(path)
 
     def read_metrics(self) -> list[dict[str, float]]:
-        """The rows of ``metrics.csv`` as floats (empty cells -> NaN); ``[]`` when absent."""
+        """The rows of ``metrics.csv`` as floats (empty cells -> NaN; today's column names,
+        :func:`current_names`); ``[]`` when absent."""
         path = self.file(self.METRICS)
         if not path.is_file():
             return []
         with path.open() as fh:
             return [
-                {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                current_names(
+                    {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                )
                 for row in csv.DictReader(fh)
             ]
 
