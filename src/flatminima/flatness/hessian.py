@@ -495,8 +495,11 @@ def hessian_eigenvalues(
     vectors of length ``D`` on the model's device, so its memory is ``(m + 1) D`` entries whatever
     ``max_iter`` (``m = 21`` for ``k <= 10``: 3.1 GB in float32 for WRN-28-10's 36.5M
     parameters). A Ritz pair ``(theta_i, x_i)`` is converged when ``||H x_i - theta_i x_i|| <=
-    tol * max(|theta_i|, eps^(2/3) ||H||)``. Progress is logged at DEBUG every restart and at INFO
-    at most every 10 s.
+    tol * max(|theta_i|, eps^(2/3) ||H||)``, judged each time the basis is full (so at least
+    ``m`` products). Progress is logged at DEBUG every restart and at INFO at most every 10 s.
+    Lanczos grows one Krylov space from one start vector, so an eigenvalue of exact multiplicity
+    above 1 can be returned once unless that space becomes invariant (then a fresh direction is
+    drawn); the block power method finds repeated eigenvalues.
 
     Args:
         model: the network (evaluated in eval mode, restored afterwards).
