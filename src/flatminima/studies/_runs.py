@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatminima.data import DataSplits
+from flatminima.flatness import hessian_trace, local_energy, local_free_entropy
 from flatminima.train import DivergenceError, TrainConfig, train
 from flatminima.train.loop import load_data, load_run
 from flatminima.train.run_folder import RunFolder
@@ -174,8 +175,6 @@ def measure_run(
         wanted["free_entropy"] = {**settings.free_entropy, "n_samples": n, "seed": settings.seed}
     todo = [k for k, s in wanted.items() if cache.get(k, {}).get("settings") != {**s, **stamp}]
     if todo:
-        from flatminima.flatness import hessian_trace, local_energy, local_free_entropy
-
         model, splits = load_network(cfg, run_dir, data)
         dev = next(model.parameters()).device
         m = min(n, len(splits.train))

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from flatminima.flatness.local_entropy import local_free_entropy
+from flatminima.models import build_model, count_parameters
 from flatminima.studies._runs import DataCache, MeasureSettings, measure_run, train_run
 from flatminima.studies.executors import SerialExecutor
 from flatminima.studies.presets import find_preset, parse_grid
@@ -358,8 +360,6 @@ def study_points(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _check_free_entropy_options(opts: Mapping[str, Any]) -> None:
     import inspect
 
-    from flatminima.flatness.local_entropy import local_free_entropy
-
     params = inspect.signature(local_free_entropy).parameters
     valid = sorted(k for k in params if k not in ("model", "data", "seed", "batch_size"))
     bad = sorted(set(opts) - set(valid))
@@ -448,8 +448,6 @@ def _network_record(
     fe: tuple[Any, int, dict[str, Any]],
 ) -> dict[str, Any] | None:
     """Measure one trained network (``None`` if it diverged: left out of the correlations)."""
-    from flatminima.models import build_model, count_parameters
-
     summary = train_run(cfg, run_dir, data)  # trained by the executor: read back here
     if summary.get("status") != "complete":
         log.warning("network %s diverged; left out of the correlations", run_dir)
