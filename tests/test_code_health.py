@@ -89,10 +89,6 @@ def test_layers_import_only_downwards():
     assert graph.get("flatness", set()) <= {"optim"}, graph.get("flatness")
 
 
-#: argparse users outside the command layer still to move (each listed by name, none by pattern)
-NOT_YET_MOVED = {"gmm/cli.py"}  # moves to commands/gmm.py with the GMM work (issue 14)
-
-
 def test_argparse_only_in_the_command_layer():
     users = [
         str(path.relative_to(SRC))
@@ -101,10 +97,11 @@ def test_argparse_only_in_the_command_layer():
         if isinstance(node, (ast.Import, ast.ImportFrom))
         and any(
             n == "argparse"
-            for n in ([node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+            for n in (
+                [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            )
         )
         and not (path.name == "cli.py" and path.parent == SRC)
         and "commands" not in path.relative_to(SRC).parts
     ]
-    users = [u for u in users if u not in NOT_YET_MOVED]
     assert not users, f"argparse outside the command layer: {sorted(set(users))}"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from flatminima.cli import main
+from flatminima.commands.gmm import DEFAULTS, QUICK, build_config, register, resolve
 from flatminima.gmm import LinearClassifier, bayes_optimal, classifier_error, hebbian, sample
 from flatminima.gmm import experiment as ex
-from flatminima.gmm.cli import DEFAULTS, QUICK, build_config, register, resolve
 from flatminima.gmm.ranking import kendall_by_alpha
 
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from flatminima.commands.gmm import register
 from flatminima.gmm import classifier_error, hebbian, sample
-from flatminima.gmm.cli import register
 
 
 def test_cli_quick_is_resumable(tmp_path, capsys):

@@ -27,7 +27,7 @@ SUBCOMMAND_MODULES = (
     "flatminima.commands.data",
     "flatminima.commands.flatness",
     "flatminima.commands.studies",
-    "flatminima.gmm.cli",  # moves to flatminima.commands.gmm
+    "flatminima.commands.gmm",
 )
 
 

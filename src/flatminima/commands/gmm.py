@@ -285,15 +285,3 @@ def run(args: argparse.Namespace) -> int:
     _report(args, rows, summary, theory, taus)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m flatminima.gmm.cli``)."""
-    parser = argparse.ArgumentParser(prog="flatminima")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
