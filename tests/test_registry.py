@@ -162,6 +162,11 @@ def test_one_step_costs_what_the_registry_says(name):
     assert algo.num_streams == (cfg.num_replicas if spec.needs_replicas else 1)
     if before is not None:  # the flatminima optimizers count passes themselves
         assert algo.optimizer.grad_evals - before == spec.passes_per_step(cfg)
+        assert algo.optimizer.passes == algo.optimizer.grad_evals  # its unit's name, read-only
+        with pytest.raises(AttributeError):
+            algo.optimizer.passes = 0
+    # the loop's budget counts samples: passes x batch size
+    assert make_plan(cfg, algo, 12 * BATCH).samples_per_step == spec.passes_per_step(cfg) * BATCH
     assert (algo.passes_per_step, algo.batches_per_step) == (
         spec.passes_per_step(cfg),
         spec.minibatches_per_step(cfg),
