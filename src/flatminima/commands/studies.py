@@ -153,7 +153,7 @@ def _register_compare(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "compare",
         help="compare optimizers over paired seeds at equal budget, with flatness",
-        description="Train every (optimizer, seed) at equal gradient evaluations (default) or "
+        description="Train every (optimizer, seed) at equal samples through backward (default) or "
         "equal epochs per replica, measure the local energy of each final network, and write "
         "a report folder (report.md, results.json/CSV, PNG plots). Re-running skips finished "
         "runs and cached measurements.",
@@ -177,7 +177,7 @@ def _register_compare(subparsers: Any) -> None:
     p.add_argument(
         "--budget",
         choices=["grad-evals", "equal-grad-evals", "epochs", "equal-epochs", "both"],
-        help="equal gradient evaluations (default), equal epochs per replica, or both",
+        help="equal samples through backward (default), equal epochs per replica, or both",
     )
     p.add_argument(
         "--sigmas", type=_floats, help="local-energy noise strengths (default 0.05,0.1,0.2,0.3,0.5)"
