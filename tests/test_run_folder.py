@@ -526,3 +526,24 @@ def test_run_folder_with_the_old_names_reads_with_the_new_ones(tmp_path):
     assert folder.summary() == new_summary
     assert folder.read_metrics() == new_rows
     assert folder.is_complete(cfg)  # and a study skips it as before
+
+
+def test_measure_run_flatness_is_the_local_energy_of_the_trained_network(tmp_path):
+    """The library behind `flatminima flatness`: rows = local_energy of the loaded network."""
+    from flatminima.flatness import local_energy
+    from flatminima.train.measure import FlatnessOptions, check_runs, measure_run_flatness
+
+    run = tmp_path / "run"
+    train(small_cfg(epochs=1), run)
+    assert check_runs([run], allow_incomplete=False) == {run: "complete"}
+    opts = FlatnessOptions(sigmas=(0.0, 0.3), draws=2, samples=64, seed=1, out=tmp_path / "out")
+    rows = measure_run_flatness(run, "complete", opts)
+    trainer = load_run(run)
+    model = next(iter(trainer.eval_models().values()))
+    data = (trainer.data.train.x[:64], trainer.data.train.y[:64])
+    ref = local_energy(model, data, [0.0, 0.3], n_draws=2, seed=1).to_rows()
+    assert [{k: r[k] for k in ref[0]} for r in rows] == ref
+    assert rows[0]["delta_error"] == 0.0 and rows[0]["run_status"] == "complete"
+    assert rows[0]["train_error"] == trainer.history[-1]["train_error"]
+    written = list(csv.DictReader((tmp_path / "out" / "run" / "local_energy.csv").open()))
+    assert len(written) == 2 and not (run / "flatness").exists()
