@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatminima.distributed.context import DistContext
 from flatminima.distributed.optim import DistributedReplicatedSGD
+from flatminima.optim import Replicas, update_bn
 from flatminima.train.algorithms import (
     ALGORITHMS,
     Algorithm,
@@ -92,8 +93,6 @@ class DistributedReplicatedAlgorithm(Algorithm):
         device: torch.device,
         ctx: DistContext,
     ) -> None:
-        from flatminima.optim import Replicas
-
         if ctx.num_replicas != cfg.num_replicas:
             raise ValueError(
                 f"num_replicas={cfg.num_replicas} but the process group has "
@@ -203,8 +202,6 @@ class DistributedReplicatedAlgorithm(Algorithm):
             raise RuntimeError("gather_for_eval() must run on every rank before eval_models()")
         center = self._eval_center
         if self.cfg.bn == "recalibrate" and recalibrate_data is not None:
-            from flatminima.optim import update_bn
-
             update_bn(recalibrate_data, center)
         models: dict[str, nn.Module] = {"center": center}
         for a, replica in enumerate(self._eval_replicas):

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from flatminima.data import ArrayDataset, DataSplits, TensorLoader, default_augment, load_dataset
+from flatminima.flatness import local_energy
 from flatminima.models import build_model
 from flatminima.train.algorithms import Algorithm, build_algorithm
 from flatminima.train.config import TrainConfig
@@ -473,8 +474,6 @@ class Trainer:
         return row
 
     def _flatness(self, model: nn.Module) -> dict[str, float]:
-        from flatminima.flatness import local_energy
-
         cfg = self.cfg
         n = min(cfg.flatness_samples, len(self.data.train))
         res = local_energy(
