@@ -1,0 +1,122 @@
+"""The README's results blocks are regenerated from committed CSVs (scripts/results.py)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import results as R  # noqa: E402
+
+
+def test_committed_blocks_match_the_csvs(capsys):
+    """`python scripts/results.py --check`: every generated block equals its recomputation."""
+    assert R.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_every_block_in_the_readme_is_generated():
+    text = (ROOT / "README.md").read_text()
+    names = R.MARK.findall(text)
+    assert names, "README has no generated results block"
+    known = R.blocks(ROOT)
+    assert {n for n, _ in names} <= set(known)
+    # the Results section has no number outside its blocks but the table of commands
+    assert "digits" in {n for n, _ in names}
+
+
+def _tmp_repo(tmp_path: Path, readme: str) -> Path:
+    (tmp_path / "docs/results").mkdir(parents=True)
+    shutil.copytree(ROOT / "docs/results/study-digits", tmp_path / "docs/results/study-digits")
+    (tmp_path / "README.md").write_text(readme)
+    return tmp_path
+
+
+def test_a_changed_number_fails_the_check_and_a_rewrite_restores_it(tmp_path, capsys):
+    body = R.block_digits(ROOT)
+    good = f"intro\n<!-- results:digits -->\n{body}\n<!-- /results:digits -->\ntail\n"
+    bad = good.replace("+0.57 [", "+0.58 [", 1)
+    assert bad != good
+    root = _tmp_repo(tmp_path, bad)
+    assert R.run(root, check=True) == 1
+    assert "+0.58 [" in capsys.readouterr().out  # the diff names the stale number
+    assert R.run(root, check=False) == 0
+    assert (root / "README.md").read_text() == good
+    assert R.run(root, check=True) == 0
+
+
+def test_unknown_block_is_an_error(tmp_path):
+    root = _tmp_repo(tmp_path, "<!-- results:nope -->\nx\n<!-- /results:nope -->\n")
+    with pytest.raises(SystemExit, match="unknown results block 'nope'"):
+        R.run(root, check=True)
+
+
+def test_digits_block_matches_the_study_own_correlations():
+    """The README recomputation equals the study's correlations.csv (same tau, BCa, Holm)."""
+    rows, info = R.digits_correlations(ROOT)
+    committed = R.read_csv(ROOT / "docs/results/study-digits/correlations.csv")
+    ref = {(r["measure"], r["target"]): r for r in committed if r.get("kendall_p_holm")}
+    assert len(rows) == len(ref) == 24
+    for r in rows:
+        col = f"{r['measure']}_s{r['sigma']:g}" if r["sigma"] is not None else r["measure"]
+        c = ref[(col, r["target"])]
+        for key in ("kendall_tau", "tau_ci_low", "tau_ci_high", "kendall_p_holm"):
+            assert r[key] == pytest.approx(float(c[key]), abs=1e-9), (col, key)
+    assert [b["optimizer"] for b in info["bad"]] == ["esgd"]
+
+
+def _write_runs(path: Path, arms: dict[str, list[float]]) -> None:
+    path.mkdir(parents=True)
+    with open(path / "runs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["budget", "arm", "seed", "status", "test_error", "flag"])
+        w.writeheader()
+        for arm, vals in arms.items():
+            for s, v in enumerate(vals):
+                w.writerow(dict(budget="grad-evals", arm=arm, seed=s, status="complete",
+                                test_error=v, flag="ok"))
+    with open(path / "paired.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["budget", "subset", "optimizer", "reference"])
+        w.writeheader()
+        for arm in arms:
+            if arm != "sgd":
+                w.writerow(dict(budget="grad-evals", subset="all", optimizer=arm, reference="sgd"))
+
+
+def test_compare_block_pairs_by_seed_and_labels_verdicts(tmp_path):
+    """Hand-built per-seed errors: rSGD = SGD + 1 pp (+-0.05 pp, mean exactly +1 pp) on all 10
+    seeds -> loss, sign-flip p = 2/1024 raw; SAM = SGD +- 0.02 pp -> equivalent (0.3 pp)."""
+    sgd = [0.10 + 0.003 * s for s in range(10)]
+    wiggle = [0.0005 * (-1) ** s for s in range(10)]
+    arms = {
+        "sgd": sgd,
+        "rsgd": [x + 0.01 + w for x, w in zip(sgd, wiggle)],
+        "sam": [x + 0.4 * w for x, w in zip(sgd, wiggle)],
+    }
+    _write_runs(tmp_path / "docs/results/toy", arms)
+    text = R.block_compare(tmp_path, "toy", margin=0.003)
+    rsgd = next(line for line in text.splitlines() if line.startswith("| rsgd | sgd"))
+    sam = next(line for line in text.splitlines() if line.startswith("| sam | sgd"))
+    assert "| 10 | +1.00 [" in rsgd and rsgd.endswith("| loss |")
+    assert "0.002 /" in rsgd  # 2 / 1024 = 0.00195 raw sign-flip p
+    assert "| 10 | +0.00 [" in sam and sam.endswith("| equivalent |")
+    assert "| rsgd | 10 | 12.35 +- " in text  # mean over seeds of 0.1 + 0.003 s + 0.01
+
+
+def test_gmm_values_leave_out_collapsed_and_missing_fits():
+    rows = [
+        dict(estimator="sgd_loss", stop="val", alpha="1.0", seed="0", eps_g="0.2", collapsed="0"),
+        dict(estimator="sgd_loss", stop="val", alpha="1.0", seed="1", eps_g="0.5", collapsed="1"),
+    ]
+    vals = R._gmm_values(rows, "sgd_loss", "val", 1.0, "eps_g", [0, 1, 2])
+    assert vals[0] == 0.2 and all(v != v for v in vals[1:])
+
+
+def test_formatting():
+    assert (R.pct(0.1234), R.pp(-0.0041), R.pval(0.0004), R.pval(0.031)) == (
+        "12.34", "-0.41", "<0.001", "0.031")
+    assert R.seed_list([0, 1, 2, 3]) == "0-3" and R.seed_list([0, 2]) == "0, 2"
