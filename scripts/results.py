@@ -527,7 +527,8 @@ def compare_budget(runs: list[dict[str, str]], comps: list[dict[str, str]], budg
         if r["budget"] != budget:
             continue
         ok = r.get("status", "complete") == "complete"
-        te.setdefault(r["arm"], {})[int(fnum(r["seed"]))] = fnum(r["test_error"]) if ok else math.nan
+        val = fnum(r["test_error"]) if ok else math.nan
+        te.setdefault(r["arm"], {})[int(fnum(r["seed"]))] = val
         flags.setdefault(r["arm"], []).append(r.get("flag", "ok") or "ok")
     pairs = []
     for c in comps:

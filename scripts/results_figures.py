@@ -27,8 +27,8 @@ def digits_figure(root: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
-
     import results as R
+
     from flatminima.optim.registry import REGISTRY
 
     rows, info = R.digits_correlations(root)
