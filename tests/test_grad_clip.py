@@ -20,9 +20,9 @@ import yaml
 from torch import nn
 from torch.func import functional_call
 
+from flatminima.commands.train import config_from_args
 from flatminima.train import TrainConfig, build_algorithm, train
 from flatminima.train.algorithms import Algorithm, clip_grad_norm_rows_
-from flatminima.commands.train import config_from_args
 
 CPU = torch.device("cpu")
 DIM, CLASSES, N, BATCH = 8, 3, 96, 16
