@@ -161,8 +161,9 @@ def report(args: argparse.Namespace, res: dict[str, list[dict]]) -> None:
         hi = res[f"eig k={k} max_iter={hi_cap}"]
         lo = res[f"eig k={k} max_iter={lo_cap}"]
         total = ratio_stats([r["peak"] for r in hi], [r["peak"] for r in lo])
-        solver = ratio_stats([r["peak"] - b for r, b in zip(hi, base)],
-                             [r["peak"] - b for r, b in zip(lo, base)])
+        solver = ratio_stats(
+            [r["peak"] - b for r, b in zip(hi, base)], [r["peak"] - b for r, b in zip(lo, base)]
+        )
         print(f"  k={k}: whole process {fmt_triple(total, 1, 3)}, solver part "
               f"{fmt_triple(solver, 1, 3)}")  # fmt: skip
     project(args, solver_vectors, hi_cap, res)

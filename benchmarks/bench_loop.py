@@ -28,8 +28,9 @@ def make_data(n: int, seed: int = 0) -> DataSplits:
     x = torch.randn(n, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     test = ArrayDataset(x[:256], y[:256])
-    return DataSplits("synthetic-fmnist", ArrayDataset(x, y), None, test, 10, (1, 28, 28),
-                      "synthetic", None, None)
+    return DataSplits(
+        "synthetic-fmnist", ArrayDataset(x, y), None, test, 10, (1, 28, 28), "synthetic", None, None
+    )
 
 
 def bare(model_name: str, data: DataSplits, batch: int, epochs: int, lr: float) -> float:
@@ -50,9 +51,18 @@ def bare(model_name: str, data: DataSplits, batch: int, epochs: int, lr: float) 
 
 
 def ours(model_name: str, data: DataSplits, batch: int, epochs: int, lr: float) -> float:
-    cfg = TrainConfig(data="gmm", model=model_name, optimizer="sgd", lr=lr, batch_size=batch,
-                      epochs=epochs, lr_schedule="constant", progress=False,
-                      train_eval_samples=64, eval_batch_size=256)
+    cfg = TrainConfig(
+        data="gmm",
+        model=model_name,
+        optimizer="sgd",
+        lr=lr,
+        batch_size=batch,
+        epochs=epochs,
+        lr_schedule="constant",
+        progress=False,
+        train_eval_samples=64,
+        eval_batch_size=256,
+    )
     trainer = Trainer(cfg, None, data=data, progress=False)
     trainer.run()
     return trainer.train_time
@@ -70,8 +80,10 @@ def main() -> None:
     pin_threads(args.threads)
     print(f"# bench_loop: {env_line()}")
     data = make_data(args.steps * args.batch_size)
-    print(f"# loop overhead: {args.steps} steps x {args.epochs} epochs, batch {args.batch_size}, "
-          f"{args.threads} thread(s), median of {args.repeats} interleaved repeats")
+    print(
+        f"# loop overhead: {args.steps} steps x {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.threads} thread(s), median of {args.repeats} interleaved repeats"
+    )
     print(f"{'model':8} {'bare s':<22}{'flatminima s':<22}{'ratio (target <= 1.05)':<22}")
     for name in args.models:
         b, o = [], []

@@ -37,13 +37,31 @@ def digits_figure(root: Path, out: Path) -> Path:
         r = next(x for x in rows if _col(x) == col and x["target"] == "test_error")
         for opt in ("sgd", "esgd", "rsgd", "sam"):
             pts = [n for n in info["used"] if n["optimizer"] == opt]
-            ax.scatter([n[col] for n in pts], [100 * n["test_error"] for n in pts], s=36,
-                       color=REGISTRY[opt].color, label=R.NAMES[opt], alpha=0.85)
+            ax.scatter(
+                [n[col] for n in pts],
+                [100 * n["test_error"] for n in pts],
+                s=36,
+                color=REGISTRY[opt].color,
+                label=R.NAMES[opt],
+                alpha=0.85,
+            )
         for n in info["bad"]:
-            ax.scatter([n[col]], [100 * n["test_error"]], marker="x", s=60, color="grey",
-                       label="excluded: did not train")
-            ax.annotate(f"{R.NAMES[n['optimizer']]}, excluded", (n[col], 100 * n["test_error"]),
-                        textcoords="offset points", xytext=(6, -12), fontsize=9, color="grey")
+            ax.scatter(
+                [n[col]],
+                [100 * n["test_error"]],
+                marker="x",
+                s=60,
+                color="grey",
+                label="excluded: did not train",
+            )
+            ax.annotate(
+                f"{R.NAMES[n['optimizer']]}, excluded",
+                (n[col], 100 * n["test_error"]),
+                textcoords="offset points",
+                xytext=(6, -12),
+                fontsize=9,
+                color="grey",
+            )
         ax.set_yscale("log")
         ax.set_yticks([2, 3, 5, 10, 20, 50, 80])
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -52,7 +70,9 @@ def digits_figure(root: Path, out: Path) -> Path:
         ax.set_ylabel("test error (%)", fontsize=11)
         ax.set_title(
             f"Kendall τ = {r['kendall_tau']:+.2f}, BCa 95% [{r['tau_ci_low']:+.2f}, "
-            f"{r['tau_ci_high']:+.2f}], n = {r['n']}", fontsize=11)
+            f"{r['tau_ci_high']:+.2f}], n = {r['n']}",
+            fontsize=11,
+        )
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=10, loc="upper right")
     out.mkdir(parents=True, exist_ok=True)
@@ -66,9 +86,86 @@ def _col(r: dict) -> str:
     return f"{r['measure']}_s{r['sigma']:g}" if r["sigma"] is not None else r["measure"]
 
 
+#: GMM curves: (estimator, stop) -> (label, registry optimizer or colour, line style)
+GMM_CURVES = (
+    (("sgd_loss", "val"), "SGD", "sgd", "-"),
+    (("avg_loss", "val"), "average of 3 uncoupled SGD", "grey", "-"),
+    (("rsgd_loss", "val"), "rSGD, finite gamma", "rsgd", "-"),
+    (("rsgd_scoped_err", "val"), "rSGD, gamma grown, error-counting", "rsgd", "--"),
+    (("esgd_loss", "val"), "eSGD", "esgd", "-"),
+)
+
+
+def gmm_figure(root: Path, out: Path, settings: list[str]) -> Path:
+    """Gap to the finite-N Bayes classifier vs alpha, one panel per GMM setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import results as R
+
+    from flatminima.optim.registry import REGISTRY
+
+    fig, axes = plt.subplots(
+        1,
+        len(settings),
+        figsize=(4.2 * len(settings), 4.2),
+        constrained_layout=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, setting in zip(axes[0], settings):
+        rows = R.gmm_rows(root, setting)
+        meta = R._gmm_meta(rows)
+        # balanced: the Hebbian is the Bayes classifier (the zero line); else drawn, b = 0
+        extra = [(("hebbian", "closed"), "Hebbian (b = 0)", "black", ":")]
+        for key, label, col, ls in (*(extra if meta["rho"] != 0.5 else []), *GMM_CURVES):
+            colour = REGISTRY[col].color if col in REGISTRY else col
+            stats = [
+                R._mean_se(R._gmm_values(rows, *key, a, "gap_bayes", meta["seeds"]))
+                for a in meta["alphas"]
+            ]
+            ax.errorbar(
+                meta["alphas"],
+                [100 * m for m, _, _ in stats],
+                yerr=[100 * (se if se == se else 0) for _, se, _ in stats],
+                color=colour,
+                ls=ls,
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=label,
+            )
+            for a, (_, _, n) in zip(meta["alphas"], stats):
+                if n < len(meta["seeds"]):  # collapsed or missing fits: flagged
+                    ax.annotate(f"{n}/{len(meta['seeds'])}", (a, 0), color=colour, fontsize=8)
+        ax.axhline(0, color="black", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(meta["alphas"], [f"{a:g}" for a in meta["alphas"]])
+        ax.minorticks_off()
+        ax.set_xlabel("alpha = P / N", fontsize=11)
+        ax.set_title(
+            f"Delta = {meta['delta']:g}, rho = {meta['rho']:g} ({len(meta['seeds'])} seeds)",
+            fontsize=11,
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test error - Bayes classifier's (pp)", fontsize=11)
+    axes[0][0].legend(fontsize=9, loc="upper right")
+    path = out / "gmm_gap_vs_alpha.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(root: Path = ROOT) -> None:
+    import results as R
+
     out = root / "docs/figures/results"
     print(f"wrote {digits_figure(root, out)}")
+    settings = [s for s in R.GMM_SETTINGS if (root / "docs/results" / s / "results.csv").exists()]
+    if settings:
+        print(f"wrote {gmm_figure(root, out, settings)}")
 
 
 if __name__ == "__main__":

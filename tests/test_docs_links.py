@@ -6,8 +6,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # a cited document: a repo-relative path ending in .md, e.g. docs/design.md or README.md
 CITED = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w.-]+\.md)\b")
-SOURCES = ["src/**/*.py", "src/**/*.yaml", "docs/**/*.md", "*.md", "benchmarks/**/*.py",
-           "benchmarks/**/*.md", "scripts/*", "tests/*.py"]
+SOURCES = [
+    "src/**/*.py",
+    "src/**/*.yaml",
+    "docs/**/*.md",
+    "*.md",
+    "benchmarks/**/*.py",
+    "benchmarks/**/*.md",
+    "scripts/*",
+    "tests/*.py",
+]
 
 
 def _cited() -> dict[str, set[str]]:
@@ -42,6 +50,6 @@ def test_design_doc_is_cited_and_has_its_sections():
     text = (ROOT / "docs" / "design.md").read_text()
     for section in ("Layers", "Data flow", "Algorithms", "Budget units", "Run folder"):
         assert f". {section}" in text, section
-    assert "DESIGN.md" not in "".join(
-        p.read_text() for p in ROOT.glob("src/**/*.py")
-    ), "cite docs/design.md, the project's own design document"
+    assert "DESIGN.md" not in "".join(p.read_text() for p in ROOT.glob("src/**/*.py")), (
+        "cite docs/design.md, the project's own design document"
+    )

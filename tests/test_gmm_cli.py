@@ -40,8 +40,9 @@ def test_quick_sets_only_the_defaults_the_user_did_not_give():
     p = _parser()
     assert resolve(p.parse_args(["gmm", "--quick"])) == QUICK
     assert resolve(p.parse_args(["gmm"])) == DEFAULTS
-    args = p.parse_args(["gmm", "--quick", "--alphas", "2,3", "--n-features", "50",
-                         "--theory-max-iter", "7"])
+    args = p.parse_args(
+        ["gmm", "--quick", "--alphas", "2,3", "--n-features", "50", "--theory-max-iter", "7"]
+    )
     r = resolve(args)
     assert r["alphas"] == [2.0, 3.0] and r["n_features"] == 50 and r["theory_max_iter"] == 7
     assert r["seeds"] == QUICK["seeds"] and r["epochs"] == QUICK["epochs"]
@@ -98,8 +99,14 @@ def test_theory_is_bounded_to_the_study_alphas_and_max_iter():
 
 
 def test_imbalanced_cell_pairs_gaps_to_the_finite_n_bayes_classifier():
-    cfg = ex.StudyConfig(n_features=60, alphas=(2.0,), rho=0.25, delta=0.5, epochs=2.0,
-                         estimators=("hebbian", "bayes_optimal", "logistic_ridge", "sgd_loss"))
+    cfg = ex.StudyConfig(
+        n_features=60,
+        alphas=(2.0,),
+        rho=0.25,
+        delta=0.5,
+        epochs=2.0,
+        estimators=("hebbian", "bayes_optimal", "logistic_ridge", "sgd_loss"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = ex.run_cell(cfg, 2.0, seed=1)
@@ -127,8 +134,13 @@ def test_collapsed_fits_are_flagged_and_no_warning_reaches_the_user(monkeypatch)
     monkeypatch.setattr(ex, "DYNAMICS", dyn)
     # a classifier that is worse than chance: the Hebbian with its sign flipped
     monkeypatch.setattr(ex, "erm_square", lambda X, y, lam, b: LinearClassifier(-hebbian(X, y).w))
-    cfg = ex.StudyConfig(n_features=50, alphas=(4.0,), seeds=(0, 1), epochs=2.0,
-                         estimators=("hebbian", "square_ridge", "rsgd_loss", "sgd_loss"))
+    cfg = ex.StudyConfig(
+        n_features=50,
+        alphas=(4.0,),
+        seeds=(0, 1),
+        epochs=2.0,
+        estimators=("hebbian", "square_ridge", "rsgd_loss", "sgd_loss"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = [r for s in cfg.seeds for r in ex.run_cell(cfg, 4.0, s)]
@@ -154,8 +166,13 @@ def test_imbalanced_dynamics_fit_a_bias_and_majority_vote_counts_as_collapsed(mo
     monkeypatch.setattr(
         ex, "erm_square", lambda X, y, lam, b: LinearClassifier(hebbian(X, y).w * 1e-9, -5.0)
     )
-    cfg = ex.StudyConfig(n_features=60, alphas=(4.0,), rho=0.25, epochs=4.0,
-                         estimators=("hebbian", "square_ridge", "rsgd_loss"))
+    cfg = ex.StudyConfig(
+        n_features=60,
+        alphas=(4.0,),
+        rho=0.25,
+        epochs=4.0,
+        estimators=("hebbian", "square_ridge", "rsgd_loss"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = ex.run_cell(cfg, 4.0, seed=2)
@@ -172,8 +189,21 @@ def test_quick_run_imbalanced_writes_every_column(tmp_path, capsys):
     out = tmp_path / "q"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        rc = main(["gmm", "--quick", "--no-progress", "--rho", "0.3", "--delta", "0.7",
-                   "--alphas", "2", "--out", str(out)])
+        rc = main(
+            [
+                "gmm",
+                "--quick",
+                "--no-progress",
+                "--rho",
+                "0.3",
+                "--delta",
+                "0.7",
+                "--alphas",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
     assert rc == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {"gap_bayes", "collapsed"} <= set(rows[0])

@@ -62,14 +62,27 @@ def _schedule(t: int, total: int, hp: dict, scoped: bool, temp0: float = 1.0):
     return temp, gamma
 
 
-def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=False, cap=None,
-                   bias=False):
+def _rsgd_lockstep(
+    X, y, objective, grid, *, reps=3, scoped=False, nesterov=False, cap=None, bias=False
+):
     """Max |dw| over every replica, configuration and step."""
     spe = 10
     epochs = STEPS * reps * math.ceil(len(y) / spe) / len(y)
-    dyn = GridDynamics(X, y, "rsgd", objective, grid, epochs=epochs,
-                       num_replicas=reps, steps_per_epoch=spe, scoped=scoped,
-                       nesterov=nesterov, max_lr_gamma=cap, fit_intercept=bias, seed=3)
+    dyn = GridDynamics(
+        X,
+        y,
+        "rsgd",
+        objective,
+        grid,
+        epochs=epochs,
+        num_replicas=reps,
+        steps_per_epoch=spe,
+        scoped=scoped,
+        nesterov=nesterov,
+        max_lr_gamma=cap,
+        fit_intercept=bias,
+        seed=3,
+    )
     assert dyn.total_steps == STEPS
     xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     u0 = initial_weights(X.shape[1], reps, 3, sphere=objective == "error")
@@ -80,8 +93,16 @@ def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=Fals
         it = iter(u0)
         r = Replicas(lambda it=it: _linear(next(it), bias), reps)
         eta = hp["lr"] * _unit(X, spe)
-        libs.append((r, ReplicatedSGD(r, lr=eta, momentum=hp.get("momentum", 0.0),
-                                      nesterov=nesterov, gamma=0.0), hp, eta))
+        libs.append(
+            (
+                r,
+                ReplicatedSGD(
+                    r, lr=eta, momentum=hp.get("momentum", 0.0), nesterov=nesterov, gamma=0.0
+                ),
+                hp,
+                eta,
+            )
+        )
     worst = 0.0
     for t in range(1, STEPS + 1):
         dyn.step()
@@ -89,8 +110,10 @@ def _rsgd_lockstep(X, y, objective, grid, *, reps=3, scoped=False, nesterov=Fals
             temp, gamma = _schedule(t, STEPS, hp, scoped)
             opt.param_groups[0]["gamma"] = gamma if cap is None else min(gamma, cap / eta)
             opt.zero_grad()
-            sum(_loss(lin, xt[idx], yt[idx], objective, temp)
-                for lin, idx in zip(r, dyn.last_batches)).backward()
+            sum(
+                _loss(lin, xt[idx], yt[idx], objective, temp)
+                for lin, idx in zip(r, dyn.last_batches)
+            ).backward()
             opt.step()
             w = r.flat_params[0]
             if objective == "error":
@@ -111,8 +134,9 @@ def test_rsgd_equals_replicated_sgd_step_by_step(objective):
 
 def test_rsgd_nesterov_and_sgd_single_replica():
     X, y, _ = sample(30, 2.0, 1.0, seed=1)
-    worst, _ = _rsgd_lockstep(X, y, "logistic", [dict(lr=0.7, gamma=1.0, momentum=0.5)],
-                              nesterov=True)
+    worst, _ = _rsgd_lockstep(
+        X, y, "logistic", [dict(lr=0.7, gamma=1.0, momentum=0.5)], nesterov=True
+    )
     assert worst <= TOL
     worst1, _ = _rsgd_lockstep(X, y, "logistic", [dict(lr=0.7, gamma=5.0)], reps=1)
     assert worst1 <= TOL  # one replica: plain torch SGD, the coupling vanishes
@@ -130,13 +154,27 @@ def test_scoped_coupling_cap_is_the_library_with_a_capped_gamma():
     assert np.abs(capped.u - uncapped.u).max() > 1e-3  # ... and changes the trajectory
 
 
-def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=False, cap=None,
-                   bias=False):
+def _esgd_lockstep(
+    X, y, objective, grid, *, scale_by_gamma=False, nesterov=False, cap=None, bias=False
+):
     spe, L = 8, 3
     epochs = STEPS * L * math.ceil(len(y) / spe) / len(y)
-    dyn = GridDynamics(X, y, "esgd", objective, grid, epochs=epochs, inner_steps=L,
-                       steps_per_epoch=spe, mu_decay=0.75, scale_by_gamma=scale_by_gamma,
-                       nesterov=nesterov, max_lr_gamma=cap, fit_intercept=bias, seed=5)
+    dyn = GridDynamics(
+        X,
+        y,
+        "esgd",
+        objective,
+        grid,
+        epochs=epochs,
+        inner_steps=L,
+        steps_per_epoch=spe,
+        mu_decay=0.75,
+        scale_by_gamma=scale_by_gamma,
+        nesterov=nesterov,
+        max_lr_gamma=cap,
+        fit_intercept=bias,
+        seed=5,
+    )
     assert dyn.total_steps == STEPS
     xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     u0 = initial_weights(X.shape[1], 1, 5, sphere=objective == "error")[0]
@@ -147,10 +185,19 @@ def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=Fals
         lin = _linear(u0, bias)
         eta = hp["lr"] * _unit(X, spe)
         gamma = hp["gamma"] if cap is None else min(hp["gamma"], cap / eta)
-        opt = EntropySGD(list(lin.parameters()), lr=hp.get("outer_lr", 1.0),
-                         momentum=hp.get("momentum", 0.0), nesterov=nesterov, inner_steps=L,
-                         inner_lr=eta, noise=hp.get("noise", 1e-2),
-                         mu_decay=0.75, gamma=gamma, scale_by_gamma=scale_by_gamma, seed=5)
+        opt = EntropySGD(
+            list(lin.parameters()),
+            lr=hp.get("outer_lr", 1.0),
+            momentum=hp.get("momentum", 0.0),
+            nesterov=nesterov,
+            inner_steps=L,
+            inner_lr=eta,
+            noise=hp.get("noise", 1e-2),
+            mu_decay=0.75,
+            gamma=gamma,
+            scale_by_gamma=scale_by_gamma,
+            seed=5,
+        )
         libs.append((lin, opt, hp))
     worst = 0.0
     for t in range(1, STEPS + 1):
@@ -179,8 +226,10 @@ def _esgd_lockstep(X, y, objective, grid, *, scale_by_gamma=False, nesterov=Fals
 @pytest.mark.parametrize("objective", ["logistic", "error"])
 def test_esgd_equals_entropy_sgd_step_by_step_with_its_noise(objective):
     X, y, _ = sample(40, 3.0, 1.0, rho=0.3, seed=0)
-    grid = [dict(lr=0.5, gamma=0.3, noise=1e-2, temp1=0.1),
-            dict(lr=1.0, gamma=3.0, noise=0.05, temp1=0.1)]
+    grid = [
+        dict(lr=0.5, gamma=0.3, noise=1e-2, temp1=0.1),
+        dict(lr=1.0, gamma=3.0, noise=0.05, temp1=0.1),
+    ]
     worst, _ = _esgd_lockstep(X, y, objective, grid)
     assert worst <= TOL
 
@@ -216,8 +265,7 @@ def test_bias_is_the_library_bias_parameter(objective):
 def test_run_grid_bias_learns_the_class_imbalance():
     X, y, v = sample(100, 4.0, 1.0, rho=0.2, seed=0)
     kw = dict(epochs=40, num_replicas=3, n_evals=2, seed=0)
-    with_b = run_grid(X, y, "rsgd", "logistic", [dict(lr=0.5, gamma=0.3)], fit_intercept=True,
-                      **kw)
+    with_b = run_grid(X, y, "rsgd", "logistic", [dict(lr=0.5, gamma=0.3)], fit_intercept=True, **kw)
     no_b = run_grid(X, y, "rsgd", "logistic", [dict(lr=0.5, gamma=0.3)], **kw)
     assert not no_b.b.any() and no_b.w.shape == with_b.w.shape == (2, 1, 100)
     assert with_b.b[-1, 0] < 0  # most labels are -1: the bias leans that way

@@ -102,8 +102,16 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
 
 def esgd(params, **kw):
     return EntropySGD(
-        params, lr=0.5, momentum=0.9, inner_steps=3, inner_lr=0.1, gamma=0.03, noise=1e-3,
-        seed=0, one_batch_per_step=True, **kw,
+        params,
+        lr=0.5,
+        momentum=0.9,
+        inner_steps=3,
+        inner_lr=0.1,
+        gamma=0.03,
+        noise=1e-3,
+        seed=0,
+        one_batch_per_step=True,
+        **kw,
     )
 
 
@@ -113,8 +121,13 @@ def test_esgd_one_batch_per_step_matches_plain_loop(tmp_path):
     model = make_net()
     opt = esgd(model.parameters())
     scoping = GammaCallback(ExponentialGamma(opt, 0.03, gamma1=0.5))
-    trainer = FlatMinimaTrainer(model=model, args=args(tmp_path), train_dataset=as_dataset(x, y),
-                                optimizers=(opt, None), callbacks=[scoping])
+    trainer = FlatMinimaTrainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=as_dataset(x, y),
+        optimizers=(opt, None),
+        callbacks=[scoping],
+    )
     trainer.train()
 
     ref = make_net()
@@ -150,8 +163,9 @@ def test_esgd_closure_form_is_refused(tmp_path):
     x, y = make_data(2 * B)
     model = make_net()
     opt = EntropySGD(model.parameters(), lr=0.1, inner_steps=3, gamma=0.1)
-    trainer = FlatMinimaTrainer(model=model, args=args(tmp_path), train_dataset=as_dataset(x, y),
-                                optimizers=(opt, None))
+    trainer = FlatMinimaTrainer(
+        model=model, args=args(tmp_path), train_dataset=as_dataset(x, y), optimizers=(opt, None)
+    )
     with pytest.raises(ValueError, match="one_batch_per_step"):
         trainer.train()
 
@@ -165,8 +179,9 @@ def test_sam_two_passes_match_plain_loop(tmp_path):
     x, y = make_data(n * B)
     model = make_net(bn=True)
     opt = sam(model)
-    trainer = FlatMinimaTrainer(model=model, args=args(tmp_path), train_dataset=as_dataset(x, y),
-                                optimizers=(opt, None))
+    trainer = FlatMinimaTrainer(
+        model=model, args=args(tmp_path), train_dataset=as_dataset(x, y), optimizers=(opt, None)
+    )
     trainer.train()
 
     ref = make_net(bn=True)
@@ -189,8 +204,12 @@ def test_base_trainer_cannot_run_sam(tmp_path):
     """Why the subclass exists: the base Trainer calls step() without a closure."""
     x, y = make_data(B)
     model = make_net()
-    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=as_dataset(x, y),
-                      optimizers=(sam(model), None))
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=as_dataset(x, y),
+        optimizers=(sam(model), None),
+    )
     with pytest.raises(TypeError, match="closure"):
         trainer.train()
 
@@ -205,9 +224,13 @@ def test_rsgd_replicated_module_matches_plain_loop(tmp_path):
     model = ReplicatedModule(make_net, y_rep, seed=0)
     opt = rsgd(model)
     scoping = GammaCallback(ExponentialGamma(opt, 0.05, gamma1=0.2))
-    trainer = FlatMinimaTrainer(model=model, args=args(tmp_path, batch=y_rep * B),
-                                train_dataset=as_dataset(x, y), optimizers=(opt, None),
-                                callbacks=[scoping])
+    trainer = FlatMinimaTrainer(
+        model=model,
+        args=args(tmp_path, batch=y_rep * B),
+        train_dataset=as_dataset(x, y),
+        optimizers=(opt, None),
+        callbacks=[scoping],
+    )
     trainer.train()
 
     ref = ReplicatedModule(make_net, y_rep, seed=0)

@@ -109,8 +109,16 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
 
 def esgd(params, **kw):
     return EntropySGD(
-        params, lr=0.5, momentum=0.9, inner_steps=3, inner_lr=0.1, gamma=0.03, noise=1e-3,
-        seed=0, one_batch_per_step=True, **kw,
+        params,
+        lr=0.5,
+        momentum=0.9,
+        inner_steps=3,
+        inner_lr=0.1,
+        gamma=0.03,
+        noise=1e-3,
+        seed=0,
+        one_batch_per_step=True,
+        **kw,
     )
 
 
@@ -227,8 +235,9 @@ def test_rsgd_replicated_module_matches_plain_loop():
     def sched(opt):
         return GammaLR(ExponentialGamma(opt, 0.05, gamma1=0.2))
 
-    module = Module(ReplicatedModule(make_net, y_rep, seed=0), lambda m: rsgd(m.net.replicas),
-                    sched)
+    module = Module(
+        ReplicatedModule(make_net, y_rep, seed=0), lambda m: rsgd(m.net.replicas), sched
+    )
     fit(module, x, y, batch=y_rep * B)
 
     wrapper = ReplicatedModule(make_net, y_rep, seed=0)
@@ -289,16 +298,33 @@ def test_adamw_base_optimizers_match_plain_loop():
     xr, yr = make_data(n, batch=y_rep * B)
 
     def esgd_adamw(params):
-        return EntropySGD(params, lr=1e-2, inner_steps=3, inner_lr=0.1, gamma=0.03, noise=1e-3,
-                          seed=0, one_batch_per_step=True, base_optimizer=torch.optim.AdamW,
-                          base_kwargs={"weight_decay": 0.01})
+        return EntropySGD(
+            params,
+            lr=1e-2,
+            inner_steps=3,
+            inner_lr=0.1,
+            gamma=0.03,
+            noise=1e-3,
+            seed=0,
+            one_batch_per_step=True,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"weight_decay": 0.01},
+        )
 
     def rsgd_adamw(wrapper):
         named = list(wrapper.replicas[0].named_parameters())
-        groups = [{"params": [p for k, p in named if k.endswith("bias")], "weight_decay": 0.0},
-                  {"params": [p for k, p in named if not k.endswith("bias")]}]
-        return ReplicatedSGD(wrapper.replicas, lr=1e-2, gamma=0.05, param_groups=groups,
-                             base_optimizer=torch.optim.AdamW, base_kwargs={"weight_decay": 0.1})
+        groups = [
+            {"params": [p for k, p in named if k.endswith("bias")], "weight_decay": 0.0},
+            {"params": [p for k, p in named if not k.endswith("bias")]},
+        ]
+        return ReplicatedSGD(
+            wrapper.replicas,
+            lr=1e-2,
+            gamma=0.05,
+            param_groups=groups,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"weight_decay": 0.1},
+        )
 
     module = Module(make_net(), lambda m: esgd_adamw(m.net.parameters()))
     fit(module, x, y)

@@ -31,13 +31,23 @@ def make_net(seed: int = 0) -> nn.Module:
 
 def batches(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 def esgd(params, one_batch: bool = True):
-    return EntropySGD(params, lr=0.5, momentum=0.9, inner_steps=3, inner_lr=0.1, gamma=0.03,
-                      noise=1e-3, seed=0, one_batch_per_step=one_batch)
+    return EntropySGD(
+        params,
+        lr=0.5,
+        momentum=0.9,
+        inner_steps=3,
+        inner_lr=0.1,
+        gamma=0.03,
+        noise=1e-3,
+        seed=0,
+        one_batch_per_step=one_batch,
+    )
 
 
 def test_gamma_lr_is_an_lr_scheduler_that_leaves_lr_alone():

@@ -193,6 +193,7 @@ def test_grad_scaler_one_batch_mode_skips_a_bad_pass():
         def c():
             oa.zero_grad()
             scaler.scale(a(x[i]).pow(2).mean()).backward()
+
         return c
 
     it = iter(range(4))
@@ -227,8 +228,13 @@ def test_base_sgd_equals_builtin_outer_step_bitwise(one_batch):
     sgd_kw = dict(momentum=0.9, nesterov=True, weight_decay=1e-3)
     inner = {k: v for k, v in KW.items() if k not in sgd_kw}
     oa = EntropySGD(a.parameters(), **KW, one_batch_per_step=one_batch)
-    ob = EntropySGD(b.parameters(), **inner, one_batch_per_step=one_batch,
-                    base_optimizer=torch.optim.SGD, base_kwargs=sgd_kw)
+    ob = EntropySGD(
+        b.parameters(),
+        **inner,
+        one_batch_per_step=one_batch,
+        base_optimizer=torch.optim.SGD,
+        base_kwargs=sgd_kw,
+    )
     assert isinstance(ob.base_optimizer, torch.optim.SGD)
     ca, cb = Batches(a, oa, data), Batches(b, ob, data)
     for _ in range(8 * (L if one_batch else 1)):
@@ -244,11 +250,20 @@ def test_base_adamw_matches_literal_reference():
     a, b = make_model(), make_model()
     inner = dict(inner_steps=3, inner_lr=0.1, noise=1e-2, mu_decay=0.75, gamma=0.5)
     adam = dict(betas=(0.8, 0.99), eps=1e-8, weight_decay=0.05)
-    fast = EntropySGD(a.parameters(), lr=1e-2, **inner, seed=3,
-                      base_optimizer=torch.optim.AdamW, base_kwargs=adam)
+    fast = EntropySGD(
+        a.parameters(), lr=1e-2, **inner, seed=3, base_optimizer=torch.optim.AdamW, base_kwargs=adam
+    )
     ref_adam = ReferenceAdamW(lr=1e-2, **adam)
-    ref = ReferenceEntropySGD(list(b.parameters()), lr=0.0, momentum=0.0, nesterov=False,
-                              weight_decay=0.0, **inner, seed=3, outer_update=ref_adam.update_)
+    ref = ReferenceEntropySGD(
+        list(b.parameters()),
+        lr=0.0,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        **inner,
+        seed=3,
+        outer_update=ref_adam.update_,
+    )
     ca, cb = Batches(a, fast, data), Batches(b, torch.optim.SGD(b.parameters(), lr=0.0), data)
     for _ in range(25):
         fast.step(ca)
@@ -305,21 +320,40 @@ def test_base_state_round_trips_mid_cycle():
 def test_base_misuse_errors():
     ps = list(make_model().parameters())
     with pytest.raises(ValueError, match="base_kwargs"):
-        EntropySGD(ps, lr=0.1, momentum=0.9, inner_steps=2, gamma=0.1,
-                   base_optimizer=torch.optim.AdamW)
+        EntropySGD(
+            ps, lr=0.1, momentum=0.9, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW
+        )
     with pytest.raises(ValueError, match="lr=0.1"):
-        EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW,
-                   base_kwargs={"lr": 0.5})
+        EntropySGD(
+            ps,
+            lr=0.1,
+            inner_steps=2,
+            gamma=0.1,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"lr": 0.5},
+        )
     with pytest.raises(ValueError, match="'gamma'.*EntropySGD's own"):
-        EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW,
-                   base_kwargs={"gamma": 0.5})
+        EntropySGD(
+            ps,
+            lr=0.1,
+            inner_steps=2,
+            gamma=0.1,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"gamma": 0.5},
+        )
     with pytest.raises(ValueError, match="without a base_optimizer"):
         EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_kwargs={"betas": (0.9, 0.9)})
     with pytest.raises(TypeError, match="base_optimizer"):
         EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer="adamw")
     with pytest.raises(ValueError, match="AdamW.*beta"):
-        EntropySGD(ps, lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW,
-                   base_kwargs={"betas": (1.5, 0.9)})
+        EntropySGD(
+            ps,
+            lr=0.1,
+            inner_steps=2,
+            gamma=0.1,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"betas": (1.5, 0.9)},
+        )
 
 
 # ----------------------------------------------------------------------------- no half state
@@ -344,8 +378,13 @@ def test_bad_param_group_leaves_groups_unchanged(base, bad, match):
     if base is not None:
         assert len(opt.base_optimizer.param_groups) == 1
     with pytest.raises(ValueError, match=match):
-        EntropySGD([{"params": m[2].parameters(), **bad}], lr=0.1, inner_steps=2, gamma=0.1,
-                   base_optimizer=base)
+        EntropySGD(
+            [{"params": m[2].parameters(), **bad}],
+            lr=0.1,
+            inner_steps=2,
+            gamma=0.1,
+            base_optimizer=base,
+        )
     opt.add_param_group({"params": m[2].parameters(), "gamma": 0.3})  # a good one still goes in
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["gamma"] == 0.3
     opt.step(Batches(m, opt, make_data(4)))
@@ -361,10 +400,14 @@ def test_load_state_dict_of_another_optimizer_is_refused():
     Batches(m, sgd, data)()
     sgd.step()
     sam = SAM(m.parameters(), torch.optim.SGD, lr=0.1)
-    adam_esgd = EntropySGD(m.parameters(), lr=0.1, inner_steps=2, gamma=0.1,
-                           base_optimizer=torch.optim.AdamW)
-    for other, match in ((sgd, "not an EntropySGD state"), (sam, "not an EntropySGD state"),
-                         (adam_esgd, "base_optimizer=AdamW")):
+    adam_esgd = EntropySGD(
+        m.parameters(), lr=0.1, inner_steps=2, gamma=0.1, base_optimizer=torch.optim.AdamW
+    )
+    for other, match in (
+        (sgd, "not an EntropySGD state"),
+        (sam, "not an EntropySGD state"),
+        (adam_esgd, "base_optimizer=AdamW"),
+    ):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(other.state_dict())
     forged = copy.deepcopy(before)
@@ -381,8 +424,9 @@ def test_load_state_dict_of_another_optimizer_is_refused():
 def test_sparse_gradient_changes_nothing():
     emb = nn.Embedding(5, 3, sparse=True).to(D)
     lin = nn.Linear(3, 1).to(D)
-    opt = EntropySGD([*lin.parameters(), emb.weight], lr=0.1, inner_steps=2, gamma=0.1,
-                     one_batch_per_step=True)
+    opt = EntropySGD(
+        [*lin.parameters(), emb.weight], lr=0.1, inner_steps=2, gamma=0.1, one_batch_per_step=True
+    )
     lin(emb(torch.tensor([1, 2]))).sum().backward()
     before = [p.detach().clone() for p in (*lin.parameters(), emb.weight)]
     with pytest.raises(RuntimeError, match="sparse"):

@@ -136,8 +136,7 @@ def test_adamw_gamma_zero_is_independent_adamw():
     reps = Replicas(mlp, y, seed=0)
     copies = [copy.deepcopy(r) for r in reps]
     kw = dict(lr=0.01, weight_decay=0.05, amsgrad=True)
-    opt = ReplicatedSGD(reps, lr=0.01, gamma=0.0, base_optimizer=torch.optim.AdamW,
-                        base_kwargs=kw)
+    opt = ReplicatedSGD(reps, lr=0.01, gamma=0.0, base_optimizer=torch.optim.AdamW, base_kwargs=kw)
     singles = [torch.optim.AdamW(m.parameters(), **kw) for m in copies]
     for s in range(steps):
         replica_step(reps, opt, x[s], t[s])
@@ -156,8 +155,14 @@ def test_param_groups_builtin_honour_weight_decay():
     x, t = data(y, steps)
     reps = Replicas(mlp, y, seed=0)
     copies = [copy.deepcopy(r) for r in reps]
-    opt = ReplicatedSGD(reps, lr=0.1, momentum=0.9, weight_decay=0.5, gamma=0.0,
-                        param_groups=bias_groups(reps, weight_decay=0.0, lr=0.05))
+    opt = ReplicatedSGD(
+        reps,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.5,
+        gamma=0.0,
+        param_groups=bias_groups(reps, weight_decay=0.0, lr=0.05),
+    )
     assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
     assert opt.param_groups[0]["params"][0].shape == (y, 8 + 3)  # the biases' flat buffer
     singles = []
@@ -191,8 +196,15 @@ def test_state_dict_round_trip_with_groups(base):
         reps = Replicas(mlp, y, seed=seed)
         extra = {} if base is None else dict(base_optimizer=base, base_kwargs={"eps": 1e-6})
         kw = dict(momentum=0.9) if base is None else {}
-        opt = ReplicatedSGD(reps, lr=0.05, gamma=0.2, coupling_every=2, **kw, **extra,
-                            param_groups=bias_groups(reps, weight_decay=0.0))
+        opt = ReplicatedSGD(
+            reps,
+            lr=0.05,
+            gamma=0.2,
+            coupling_every=2,
+            **kw,
+            **extra,
+            param_groups=bias_groups(reps, weight_decay=0.0),
+        )
         return reps, opt
 
     ra, oa = build(0)
@@ -263,12 +275,23 @@ def test_bad_param_groups_leave_layout_unchanged():
             ReplicatedSGD(reps, lr=0.1, gamma=0.1, param_groups=groups)
         assert reps.flat_params[0] is flat  # no regrouping happened
     with pytest.raises(ValueError, match="Invalid learning rate"):  # the base's own check
-        ReplicatedSGD(reps, lr=0.1, gamma=0.1, base_optimizer=torch.optim.AdamW,
-                      base_kwargs={"lr": -1.0}, param_groups=bias_groups(reps))
+        ReplicatedSGD(
+            reps,
+            lr=0.1,
+            gamma=0.1,
+            base_optimizer=torch.optim.AdamW,
+            base_kwargs={"lr": -1.0},
+            param_groups=bias_groups(reps),
+        )
     assert len(reps.flat_params) == 1  # layout restored after the base optimizer failed
     with pytest.raises(ValueError, match="param group 0: Invalid beta"):  # per-group value
-        ReplicatedSGD(reps, lr=0.1, gamma=0.1, base_optimizer=torch.optim.AdamW,
-                      param_groups=bias_groups(reps, betas=(2.0, 0.9)))
+        ReplicatedSGD(
+            reps,
+            lr=0.1,
+            gamma=0.1,
+            base_optimizer=torch.optim.AdamW,
+            param_groups=bias_groups(reps, betas=(2.0, 0.9)),
+        )
     assert len(reps.flat_params) == 1
 
 
@@ -280,7 +303,7 @@ def test_add_param_group_validates_before_appending(base):
     opt = ReplicatedSGD(reps, lr=0.1, gamma=0.1, base_optimizer=base)
     for bad, match in [
         (dict(lr=-1.0), "learning rate"),
-            (dict(eps=-1.0), "epsilon") if base else (dict(momentum=-1.0), "momentum"),
+        (dict(eps=-1.0), "epsilon") if base else (dict(momentum=-1.0), "momentum"),
         (dict(gamma=-2.0), "gamma value: -2.0"),
         (dict(coupling_every=0), "coupling_every value: 0"),
     ]:
@@ -333,8 +356,9 @@ def test_load_state_dict_of_another_optimizer_is_refused():
     # a torch SGD over the very same flat buffers (same group sizes)
     sgd = torch.optim.SGD(Replicas(mlp, 2, seed=1).flat_params, lr=0.1, momentum=0.9)
     esgd = EntropySGD(mlp().parameters(), lr=0.1, inner_steps=2, gamma=0.1)
-    adamw = ReplicatedSGD(Replicas(mlp, 2, seed=1), lr=0.1, gamma=0.1,
-                          base_optimizer=torch.optim.AdamW)
+    adamw = ReplicatedSGD(
+        Replicas(mlp, 2, seed=1), lr=0.1, gamma=0.1, base_optimizer=torch.optim.AdamW
+    )
     wrong_shape = copy.deepcopy(good)
     wrong_shape["state"][0]["momentum_buffer"] = torch.zeros(3, 4, dtype=D)
     cases = [
@@ -365,8 +389,9 @@ def test_compiled_update_agrees(momentum, nesterov):
     x, t = data(y, steps, dtype=torch.float32)
     ra = Replicas(f32, y, seed=0)
     rb = copy.deepcopy(ra)
-    kw = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-3, gamma=0.3,
-              coupling_every=2)
+    kw = dict(
+        lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-3, gamma=0.3, coupling_every=2
+    )
     oa = ReplicatedSGD(ra, **kw)
     ob = ReplicatedSGD(rb, **kw, fused="compile")
     for s in range(steps):
@@ -397,9 +422,11 @@ def test_regroup_layout_and_restore():
     assert reps[1][2].bias.grad.data_ptr() == reps.flat_grads[0][1, 8:].data_ptr()
     moved = copy.deepcopy(reps).double()  # re-flattening keeps the grouping
     assert [tuple(f.shape) for f in moved.flat_params] == [(3, 11), (3, 64)]
-    for bad, match in [([["0.bias"]], "parameters in no group"),
-                       ([["nope"], ["0.bias", "2.bias", "0.weight", "2.weight"]], "unknown"),
-                       ([["0.bias", "0.bias", "2.bias", "0.weight", "2.weight"]], "repeated")]:
+    for bad, match in [
+        ([["0.bias"]], "parameters in no group"),
+        ([["nope"], ["0.bias", "2.bias", "0.weight", "2.weight"]], "unknown"),
+        ([["0.bias", "0.bias", "2.bias", "0.weight", "2.weight"]], "repeated"),
+    ]:
         with pytest.raises(ValueError, match=match):
             reps.regroup(bad)
         assert [tuple(f.shape) for f in reps.flat_params] == [(3, 11), (3, 64)]

@@ -113,8 +113,10 @@ def test_zero_dim_losses_are_summed(kind):
     m = torch.randn(y * b, 2, dtype=D)
     kwargs = dict(temperature=2.0, extra={"m": m}) if kind == "dict" else dict(temperature=2.0)
     out = net(x[0], labels=t[0], **kwargs)
-    loss, logits = (out["loss"], out["logits"]) if kind in ("dict",) else (
-        (out[0], out[1]) if kind in ("tuple", "named") else (out.loss, out.logits)
+    loss, logits = (
+        (out["loss"], out["logits"])
+        if kind in ("dict",)
+        else ((out[0], out[1]) if kind in ("tuple", "named") else (out.loss, out.logits))
     )
     assert type(out).__name__ == {"dict": "OrderedDict", "tuple": "tuple", "named": "Out",
                                   "dataclass": "Output"}[kind]  # fmt: skip

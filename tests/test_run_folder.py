@@ -57,10 +57,30 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train_cmd(out: Path, *extra: str, epochs: int = 12) -> list[str]:
-    return [sys.executable, "-m", "flatminima", *extra, "train", "--data", "gmm", "--model",
-            "mlp", "--model-kwargs", "hidden=16", "--data-kwargs",
-            "num_train=1280,num_test=200,dim=20", "--batch-size", "16", "--epochs", str(epochs),
-            "--train-eval-samples", "100", "--no-progress", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "flatminima",
+        *extra,
+        "train",
+        "--data",
+        "gmm",
+        "--model",
+        "mlp",
+        "--model-kwargs",
+        "hidden=16",
+        "--data-kwargs",
+        "num_train=1280,num_test=200,dim=20",
+        "--batch-size",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--train-eval-samples",
+        "100",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 # ---------------------------------------------------------------------------- reuse rules
@@ -117,8 +137,9 @@ def test_cli_refuses_a_foreign_folder_with_one_line(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "summary.json").write_text("{}")
-    proc = subprocess.run(train_cmd(folder, epochs=1), env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        train_cmd(folder, epochs=1), env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     assert "holds no flatminima run" in proc.stderr and "Traceback" not in proc.stderr
     assert (folder / "summary.json").read_text() == "{}"
@@ -216,8 +237,9 @@ def test_heartbeat_refreshes_and_a_lost_lock_is_noticed(tmp_path):
 def test_two_processes_on_one_folder_then_kill_9_and_resume(tmp_path):
     """The second process is refused naming the first; after kill -9 a rerun resumes."""
     out = tmp_path / "run"
-    first = subprocess.Popen(train_cmd(out), env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        train_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         metrics = out / "metrics.csv"
         deadline = time.time() + 120
@@ -228,8 +250,9 @@ def test_two_processes_on_one_folder_then_kill_9_and_resume(tmp_path):
         first.send_signal(signal.SIGSTOP)  # holds the lock, mid-run, deterministically
         rows_at_kill = metrics.read_text().splitlines()
         assert 2 <= len(rows_at_kill) <= 12, "the first run must be stopped part-way"
-        second = subprocess.run(train_cmd(out), env=ENV, capture_output=True, text=True,
-                                timeout=120)
+        second = subprocess.run(
+            train_cmd(out), env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode == 1, second.stderr
         assert f"being written by pid {first.pid} on host {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -237,8 +260,9 @@ def test_two_processes_on_one_folder_then_kill_9_and_resume(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert (out / "run.lock").exists() and not (out / "summary.json").exists()
-    rerun = subprocess.run(train_cmd(out, "-v"), env=ENV, capture_output=True, text=True,
-                           timeout=120)
+    rerun = subprocess.run(
+        train_cmd(out, "-v"), env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "taking over the stale lock" in rerun.stderr and "resumed" in rerun.stderr
     final = metrics.read_text().splitlines()
@@ -306,8 +330,14 @@ def test_file_size_limit_in_a_real_process_gives_one_line_and_no_temporary(tmp_p
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))  # checkpoint: about 13 kB
 
-    proc = subprocess.run(train_cmd(out, epochs=1), env=ENV, capture_output=True, text=True,
-                          timeout=120, preexec_fn=limit)
+    proc = subprocess.run(
+        train_cmd(out, epochs=1),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"could not write {out / 'checkpoint.pt'}" in proc.stderr
     assert "disk full" in proc.stderr and "Traceback" not in proc.stderr
@@ -372,8 +402,10 @@ def _idx_folder(folder: Path) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     for stem, n in (("train", 300), ("t10k", 100)):
-        write_idx(folder / f"{stem}-images-idx3-ubyte.gz",
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(
+            folder / f"{stem}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+        )
         write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
 
 
@@ -403,8 +435,9 @@ def test_data_files_are_recorded_and_their_loss_is_a_clear_error(tmp_path, monke
 def _flatness(run: Path, *extra: str) -> int:
     from flatminima.cli import main
 
-    return main(["flatness", str(run), "--sigmas", "0,0.5", "--draws", "2", "--samples", "100",
-                 *extra])
+    return main(
+        ["flatness", str(run), "--sigmas", "0,0.5", "--draws", "2", "--samples", "100", *extra]
+    )
 
 
 def test_flatness_refuses_incomplete_runs_unless_allowed(tmp_path, capsys):
@@ -515,9 +548,10 @@ def test_run_folder_with_the_old_names_reads_with_the_new_ones(tmp_path):
         k: v for k, v in whole["final"].items() if k not in drop
     }
     assert resumed["samples"] == whole["samples"]
-    assert part.read_metrics()[0]["samples"] == RunFolder(tmp_path / "whole").read_metrics()[0][
-        "samples"
-    ]
+    assert (
+        part.read_metrics()[0]["samples"]
+        == RunFolder(tmp_path / "whole").read_metrics()[0]["samples"]
+    )
     folder = RunFolder(tmp_path / "whole")
     new_summary, new_rows = folder.summary(), folder.read_metrics()
     folder.write_summary(_old(new_summary))

@@ -477,8 +477,14 @@ def test_compare_parallel_jobs_and_both_budgets_share_sgd_runs(tmp_path):
     ``both`` budgets SGD (one pass per minibatch) is trained once and reported twice, while
     rSGD gets y times the gradient evaluations at equal epochs per replica."""
     preset = Preset.from_dict({**tiny_preset().to_dict(), "study": {"controls": False}})
-    kw = dict(preset=preset, optimizers=["sgd", "rsgd"], seeds=1, sigmas=[0.5],
-              flatness_draws=1, flatness_samples=50)
+    kw = dict(
+        preset=preset,
+        optimizers=["sgd", "rsgd"],
+        seeds=1,
+        sigmas=[0.5],
+        flatness_draws=1,
+        flatness_samples=50,
+    )
     par = compare(tmp_path / "par", budget="both", jobs=2, **kw)
     assert not (tmp_path / "par/runs/epochs/sgd").exists()
     assert (tmp_path / "par/runs/epochs/rsgd/seed0/summary.json").is_file()

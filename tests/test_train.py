@@ -427,16 +427,23 @@ def test_checkpoint_loads_whatever_device_map_location_put_rng_states_on(tmp_pat
 
 @pytest.mark.parametrize("optimizer", ["sgd", "esgd", "rsgd", "sam"])
 def test_bf16_autocast_trains_every_algorithm(tmp_path, optimizer):
-    extra = {"esgd": {"inner_steps": 2, "scale_by_gamma": False, "lr": 0.5},
-             "rsgd": {"num_replicas": 2}}.get(optimizer, {})
+    extra = {
+        "esgd": {"inner_steps": 2, "scale_by_gamma": False, "lr": 0.5},
+        "rsgd": {"num_replicas": 2},
+    }.get(optimizer, {})
     summary = train(small_cfg(optimizer=optimizer, amp="bf16", epochs=2, **extra), tmp_path / "r")
     assert summary["status"] == "complete"
     assert math.isfinite(summary["final"]["train_loss"]) and summary["final"]["test_error"] < 0.5
 
 
 def test_flatness_logged_during_training(tmp_path):
-    cfg = small_cfg(epochs=3, flatness_epochs=[1, -1], flatness_sigmas=[0.0, 0.5],
-                    flatness_draws=2, flatness_samples=100)
+    cfg = small_cfg(
+        epochs=3,
+        flatness_epochs=[1, -1],
+        flatness_sigmas=[0.0, 0.5],
+        flatness_draws=2,
+        flatness_samples=100,
+    )
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     logged = [r.get("local_energy_error_s0.5", "") != "" for r in rows]

@@ -62,23 +62,41 @@ def register(subparsers: Any) -> None:
         "multiplicative weight noise w*(1+sigma*xi), on the run's training data. Only complete "
         "runs are measured unless --allow-incomplete.",
     )
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="run folders written by `flatminima train`")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run folders written by `flatminima train`",
+    )
     p.add_argument(
         "--sigmas",
         type=_floats,
         default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5],
         help="noise strengths (default 0,0.05,0.1,0.2,0.3,0.4,0.5)",
     )
-    p.add_argument("--draws", type=_positive_int, default=10,
-                   help="noise draws per sigma (default 10)")
-    p.add_argument("--samples", type=_positive_int, default=5000,
-                   help="first training samples measured (default 5000)")
-    p.add_argument("--noise", choices=("multiplicative", "additive"), default="multiplicative",
-                   help="w*(1+sigma*xi) (default) or w+sigma*xi")
-    p.add_argument("--bn", choices=("eval", "recalibrate"), default="eval",
-                   help="BatchNorm statistics of the perturbed network: the stored ones (eval, "
-                   "default) or recomputed on the measured samples")
+    p.add_argument(
+        "--draws", type=_positive_int, default=10, help="noise draws per sigma (default 10)"
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=5000,
+        help="first training samples measured (default 5000)",
+    )
+    p.add_argument(
+        "--noise",
+        choices=("multiplicative", "additive"),
+        default="multiplicative",
+        help="w*(1+sigma*xi) (default) or w+sigma*xi",
+    )
+    p.add_argument(
+        "--bn",
+        choices=("eval", "recalibrate"),
+        default="eval",
+        help="BatchNorm statistics of the perturbed network: the stored ones (eval, "
+        "default) or recomputed on the measured samples",
+    )
     p.add_argument(
         "--all-models",
         action="store_true",
@@ -89,24 +107,39 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also the top Hessian eigenvalue (Lanczos) and trace (Hutchinson)",
     )
-    p.add_argument("--hessian-samples", type=_positive_int, default=1000,
-                   help="first training samples for the Hessian measures (default 1000)")
+    p.add_argument(
+        "--hessian-samples",
+        type=_positive_int,
+        default=1000,
+        help="first training samples for the Hessian measures (default 1000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
     p.add_argument("--device", default=None, help="device (default: the run's)")
     p.add_argument(
         "--out", type=Path, default=None, help="write results here instead of RUN_DIR/flatness"
     )
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="also measure runs that diverged, were interrupted or are still training")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="also measure runs that diverged, were interrupted or are still training",
+    )
     p.set_defaults(func=run)
 
 
 def options(args: argparse.Namespace) -> FlatnessOptions:
     """The measurement options given on the command line."""
     return FlatnessOptions(
-        sigmas=tuple(args.sigmas), draws=args.draws, samples=args.samples, noise=args.noise,
-        bn=args.bn, all_models=args.all_models, hessian=args.hessian,
-        hessian_samples=args.hessian_samples, seed=args.seed, device=args.device, out=args.out,
+        sigmas=tuple(args.sigmas),
+        draws=args.draws,
+        samples=args.samples,
+        noise=args.noise,
+        bn=args.bn,
+        all_models=args.all_models,
+        hessian=args.hessian,
+        hessian_samples=args.hessian_samples,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
     )
 
 

@@ -51,11 +51,19 @@ def _ints(text: str) -> list[int]:
 #: defaults without --quick / with --quick, for the flags --quick sets (a value the user gives
 #: always wins)
 DEFAULTS = dict(
-    n_features=1000, alphas=[0.5, 1.0, 2.0, 4.0, 8.0], seeds=[0, 1, 2, 3, 4], epochs=40.0,
-    theory_points=25, theory_max_iter=20000,
+    n_features=1000,
+    alphas=[0.5, 1.0, 2.0, 4.0, 8.0],
+    seeds=[0, 1, 2, 3, 4],
+    epochs=40.0,
+    theory_points=25,
+    theory_max_iter=20000,
 )
 QUICK = dict(
-    n_features=100, alphas=[1.0, 4.0], seeds=[0], epochs=3.0, theory_points=0,
+    n_features=100,
+    alphas=[1.0, 4.0],
+    seeds=[0],
+    epochs=3.0,
+    theory_points=0,
     theory_max_iter=2000,
 )
 
@@ -68,41 +76,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     d, q = DEFAULTS, QUICK
-    p.add_argument("--n-features", type=int, default=None, metavar="N",
-                   help=f"dimension N (default {d['n_features']}; --quick: {q['n_features']})")
-    p.add_argument("--alphas", type=_floats, default=None, metavar="A,A,...",
-                   help="sample ratios alpha = P/N, comma-separated (default 0.5,1,2,4,8; "
-                   "--quick: 1,4)")
+    p.add_argument(
+        "--n-features",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"dimension N (default {d['n_features']}; --quick: {q['n_features']})",
+    )
+    p.add_argument(
+        "--alphas",
+        type=_floats,
+        default=None,
+        metavar="A,A,...",
+        help="sample ratios alpha = P/N, comma-separated (default 0.5,1,2,4,8; --quick: 1,4)",
+    )
     p.add_argument("--delta", type=float, default=1.0, help="noise variance Delta (default 1)")
-    p.add_argument("--rho", type=float, default=0.5,
-                   help="fraction of +1 labels, in (0, 1) (default 0.5; any other value adds "
-                   "the finite-N Bayes-optimal classifier to the default estimators)")
-    p.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...",
-                   help="data seeds, comma-separated (default 0,1,2,3,4; --quick: 0)")
-    p.add_argument("--estimators", type=lambda s: [t for t in s.split(",") if t], default=None,
-                   metavar="E,E,...",
-                   help=f"subset of: {','.join(ESTIMATORS)} (default: all but max_margin; "
-                   "bayes_optimal only when --rho is not 0.5)")
-    p.add_argument("--epochs", type=float, default=None,
-                   help="budget of every dynamical estimator in gradient evaluations / P, all "
-                   f"replicas together (default {d['epochs']:g}; --quick: {q['epochs']:g})")
-    p.add_argument("--free-entropy", action="store_true",
-                   help="also measure the local free entropy of every estimator (about 1-3 s "
-                   "per fit at N=1000)")
-    p.add_argument("--no-theory", action="store_true",
-                   help="skip the replica-theory ERM learning curves (theory.csv, lines in the "
-                   "figure)")
-    p.add_argument("--theory-points", type=int, default=None, metavar="K",
-                   help="replica-theory alphas added, log-spaced, to the study's own (default "
-                   f"{d['theory_points']}; --quick: {q['theory_points']})")
-    p.add_argument("--theory-max-iter", type=int, default=None, metavar="IT",
-                   help="iteration cap of each replica fixed point; a point beyond it is marked "
-                   f"not converged (default {d['theory_max_iter']}; --quick: "
-                   f"{q['theory_max_iter']})")
+    p.add_argument(
+        "--rho",
+        type=float,
+        default=0.5,
+        help="fraction of +1 labels, in (0, 1) (default 0.5; any other value adds "
+        "the finite-N Bayes-optimal classifier to the default estimators)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_ints,
+        default=None,
+        metavar="S,S,...",
+        help="data seeds, comma-separated (default 0,1,2,3,4; --quick: 0)",
+    )
+    p.add_argument(
+        "--estimators",
+        type=lambda s: [t for t in s.split(",") if t],
+        default=None,
+        metavar="E,E,...",
+        help=f"subset of: {','.join(ESTIMATORS)} (default: all but max_margin; "
+        "bayes_optimal only when --rho is not 0.5)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="budget of every dynamical estimator in gradient evaluations / P, all "
+        f"replicas together (default {d['epochs']:g}; --quick: {q['epochs']:g})",
+    )
+    p.add_argument(
+        "--free-entropy",
+        action="store_true",
+        help="also measure the local free entropy of every estimator (about 1-3 s "
+        "per fit at N=1000)",
+    )
+    p.add_argument(
+        "--no-theory",
+        action="store_true",
+        help="skip the replica-theory ERM learning curves (theory.csv, lines in the figure)",
+    )
+    p.add_argument(
+        "--theory-points",
+        type=int,
+        default=None,
+        metavar="K",
+        help="replica-theory alphas added, log-spaced, to the study's own (default "
+        f"{d['theory_points']}; --quick: {q['theory_points']})",
+    )
+    p.add_argument(
+        "--theory-max-iter",
+        type=int,
+        default=None,
+        metavar="IT",
+        help="iteration cap of each replica fixed point; a point beyond it is marked "
+        f"not converged (default {d['theory_max_iter']}; --quick: "
+        f"{q['theory_max_iter']})",
+    )
     p.add_argument("--out", default="runs/gmm", help="output folder (resumable; default runs/gmm)")
-    p.add_argument("--quick", action="store_true",
-                   help="small defaults for a smoke test (seconds): N=100, alphas 1,4, seed 0, "
-                   "3 epochs, theory at the study's alphas only; flags you give still apply")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small defaults for a smoke test (seconds): N=100, alphas 1,4, seed 0, "
+        "3 epochs, theory at the study's alphas only; flags you give still apply",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -238,17 +290,24 @@ def _figures_and_ranks(
 
 
 def _report(
-    args: argparse.Namespace, rows: Rows, summary: Rows, theory: dict[str, list[ERMTheory]],
+    args: argparse.Namespace,
+    rows: Rows,
+    summary: Rows,
+    theory: dict[str, list[ERMTheory]],
     taus: Taus,
 ) -> None:
     print(_table(summary))
     collapsed = [r for r in rows if as_float(r.get("collapsed")) == 1.0]
     if collapsed:
-        print(f"\n{len(collapsed)} collapsed fit(s) (training error at chance or no finite "
-              "weights; left out of the Kendall taus):")
+        print(
+            f"\n{len(collapsed)} collapsed fit(s) (training error at chance or no finite "
+            "weights; left out of the Kendall taus):"
+        )
         for r in collapsed:
-            print(f"  {r['estimator']} ({r['stop']}) alpha={as_float(r['alpha']):g} "
-                  f"seed={int(as_float(r['seed']))} train error={as_float(r['train_error']):.3f}")
+            print(
+                f"  {r['estimator']} ({r['stop']}) alpha={as_float(r['alpha']):g} "
+                f"seed={int(as_float(r['seed']))} train error={as_float(r['train_error']):.3f}"
+            )
     if theory:
         print("\nReplica theory (N -> infinity) beside the simulations, eps_g %:")
         print(_theory_table(theory, summary))
@@ -278,10 +337,15 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     r = resolve(args)
-    theory = {} if args.no_theory else theory_curves(
-        cfg, int(r["theory_points"]), int(r["theory_max_iter"])  # type: ignore[call-overload]
+    theory = (
+        {}
+        if args.no_theory
+        else theory_curves(
+            cfg,
+            int(r["theory_points"]),
+            int(r["theory_max_iter"]),  # type: ignore[call-overload]
+        )
     )
     taus = _figures_and_ranks(args, cfg, rows, summary, theory)
     _report(args, rows, summary, theory, taus)
     return 0
-

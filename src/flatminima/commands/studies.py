@@ -112,8 +112,7 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
         "--jobs",
         type=_count(1),
         default=1,
-        help="local executor: training processes at once, each with cores/jobs threads "
-        "(default 1)",
+        help="local executor: training processes at once, each with cores/jobs threads (default 1)",
     )
     p.add_argument("--submitit-folder", type=Path, help="submitit logs (default OUT/submitit)")
     p.add_argument("--submitit-cluster", help="slurm, local or debug (default: auto)")

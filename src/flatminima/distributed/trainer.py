@@ -198,9 +198,7 @@ class DistributedTrainer(Trainer):
                 "processes sharing one model"
             )
         self.ctx = ctx
-        super().__init__(
-            cfg, out_dir, data=data, progress=progress, sync=TorchDistributedSync(ctx)
-        )
+        super().__init__(cfg, out_dir, data=data, progress=progress, sync=TorchDistributedSync(ctx))
 
 
 def train_distributed(

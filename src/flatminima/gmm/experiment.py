@@ -171,9 +171,7 @@ class StudyConfig:
             raise ValueError(f"Invalid n_features value: {self.n_features!r} (expected >= 2)")
         check_model_args(self.delta, self.rho)
         if not self.alphas or any(not (0 < a < math.inf) for a in self.alphas):
-            raise ValueError(
-                f"Invalid alphas: {list(self.alphas)!r} (expected finite values > 0)"
-            )
+            raise ValueError(f"Invalid alphas: {list(self.alphas)!r} (expected finite values > 0)")
         if not self.seeds or any(int(s) < 0 for s in self.seeds):
             raise ValueError(f"Invalid seeds: {list(self.seeds)!r} (expected ints >= 0)")
         bad = [e for e in self.estimators if e not in ESTIMATORS]
@@ -208,9 +206,14 @@ def _fit_dynamics(
     the returned ``w`` is not finite and the fit is reported as collapsed.
     """
     alg, obj, scoped, grid = DYNAMICS[name]
-    kw = dict(epochs=cfg.epochs, num_replicas=cfg.num_replicas, scoped=scoped, seed=seed,
-              max_lr_gamma=SCOPED_MAX_LR_GAMMA if scoped else None,
-              fit_intercept=cfg.rho != 0.5)
+    kw = dict(
+        epochs=cfg.epochs,
+        num_replicas=cfg.num_replicas,
+        scoped=scoped,
+        seed=seed,
+        max_lr_gamma=SCOPED_MAX_LR_GAMMA if scoped else None,
+        fit_intercept=cfg.rho != 0.5,
+    )
     tune = run_grid(X[trn], y[trn], alg, obj, grid, **kw)  # type: ignore[arg-type]
     n = X.shape[1]
     with np.errstate(all="ignore"):
@@ -295,8 +298,9 @@ def _is_degenerate(w: np.ndarray, b: float = 0.0) -> bool:
     return bad_w or not math.isfinite(b)
 
 
-def _flatness(cfg: StudyConfig, f: Fit, X: np.ndarray, y: np.ndarray, target: float,
-              seed: int) -> dict[str, float]:
+def _flatness(
+    cfg: StudyConfig, f: Fit, X: np.ndarray, y: np.ndarray, target: float, seed: int
+) -> dict[str, float]:
     """Flatness columns of one fit (nan for degenerate weights)."""
     nan = float("nan")
     out = dict(local_energy=nan, sigma_star=nan, free_entropy=nan, free_entropy_se=nan)
@@ -332,9 +336,7 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
     nan = float("nan")
     train_errs = [nan if _is_degenerate(f.w, f.b) else training_error(f.w, f.b, X, y) for f in fits]
     minority = float(min(np.mean(y > 0), np.mean(y < 0)))
-    chance = [
-        collapse_threshold(len(y), minority if _has_bias(cfg, f.name) else 0.5) for f in fits
-    ]
+    chance = [collapse_threshold(len(y), minority if _has_bias(cfg, f.name) else 0.5) for f in fits]
     collapsed_fits = [not tr < c for tr, c in zip(train_errs, chance)]  # nan (degenerate) too
     kept = [tr for tr, c in zip(train_errs, collapsed_fits) if not c]
     target = min(0.45, max(kept, default=0.0) + 0.05)  # matched error of the non-collapsed fits
@@ -344,16 +346,38 @@ def run_cell(cfg: StudyConfig, alpha: float, seed: int) -> list[dict[str, object
         eps = nan if degenerate else classifier_error(f.w, f.b, v, cfg.delta, cfg.rho)
         m, q = (nan, nan) if degenerate else overlaps(f.w, v)
         if collapsed:
-            log.warning("collapsed fit: %s (%s) at alpha=%g, seed=%d (train error %.3f)",
-                        f.name, f.stop, alpha, seed, tr)
+            log.warning(
+                "collapsed fit: %s (%s) at alpha=%g, seed=%d (train error %.3f)",
+                f.name,
+                f.stop,
+                alpha,
+                seed,
+                tr,
+            )
         rows.append(
-            dict(n_features=cfg.n_features, delta=cfg.delta, rho=cfg.rho, alpha=alpha,
-                 seed=seed, estimator=f.name, stop=f.stop, eps_g=eps, eps_bo=eps_bo,
-                 gap_bo=eps - eps_bo, gap_heb=eps - eps_heb, gap_bayes=eps - eps_bayes,
-                 train_error=tr, collapsed=int(collapsed),
-                 **_flatness(cfg, f, X, y, target, seed),
-                 angle_heb=nan if degenerate else angle_deg(f.w, w_heb), m=m, q=q,
-                 stop_epoch=f.epoch, grad_evals=f.grad_evals, hparams=f.hparams)
+            dict(
+                n_features=cfg.n_features,
+                delta=cfg.delta,
+                rho=cfg.rho,
+                alpha=alpha,
+                seed=seed,
+                estimator=f.name,
+                stop=f.stop,
+                eps_g=eps,
+                eps_bo=eps_bo,
+                gap_bo=eps - eps_bo,
+                gap_heb=eps - eps_heb,
+                gap_bayes=eps - eps_bayes,
+                train_error=tr,
+                collapsed=int(collapsed),
+                **_flatness(cfg, f, X, y, target, seed),
+                angle_heb=nan if degenerate else angle_deg(f.w, w_heb),
+                m=m,
+                q=q,
+                stop_epoch=f.epoch,
+                grad_evals=f.grad_evals,
+                hparams=f.hparams,
+            )
         )
     return rows
 
@@ -481,8 +505,9 @@ def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
     out = []
     for (name, stop, alpha), rs in groups.items():
         n_coll = sum(1 for r in rs if as_float(r.get("collapsed")) == 1.0)
-        s: dict[str, object] = dict(estimator=name, stop=stop, alpha=alpha, n=len(rs),
-                                    n_collapsed=n_coll)
+        s: dict[str, object] = dict(
+            estimator=name, stop=stop, alpha=alpha, n=len(rs), n_collapsed=n_coll
+        )
         for k in _SUMMARY_KEYS:
             s[k], s[k + "_se"] = _mean_se(np.array([as_float(r.get(k)) for r in rs], dtype=float))
         out.append(s)

@@ -215,7 +215,11 @@ def objective_grad(objective: str, v: np.ndarray, xb: np.ndarray, temp: np.ndarr
 
 
 def _sgd_update_(
-    w: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: np.ndarray, mom: np.ndarray,
+    w: np.ndarray,
+    grad: np.ndarray,
+    buf: np.ndarray | None,
+    lr: np.ndarray,
+    mom: np.ndarray,
     nesterov: bool,
 ) -> None:
     """torch.optim.SGD (dampening 0) in place: ``buf <- m buf + G``; ``w -= lr buf`` (or
@@ -298,8 +302,9 @@ class GridDynamics:
         fit_intercept: bool = False,
         seed: int = 0,
     ) -> None:
-        ints = dict(num_replicas=num_replicas, steps_per_epoch=steps_per_epoch,
-                    inner_steps=inner_steps)
+        ints = dict(
+            num_replicas=num_replicas, steps_per_epoch=steps_per_epoch, inner_steps=inner_steps
+        )
         _check(algorithm, objective, grid, ints, epochs, mu_decay, max_lr_gamma)
         _check_value("temp0", temp0)
         X = np.asarray(X, dtype=np.float64)
@@ -316,8 +321,10 @@ class GridDynamics:
         self.Xy = Xa * y[:, None]  # signed inputs: margins h = Xy @ u
         self.bsz = math.ceil(p / steps_per_epoch)
         self.unit = self.bsz / (float(np.einsum("ij,ij->", X, X)) / p)  # B / (N Delta_hat)
-        self.hp = {k: np.array([g.get(k, d) for g in grid], dtype=np.float64)
-                   for k, d in GRID_DEFAULTS.items()}
+        self.hp = {
+            k: np.array([g.get(k, d) for g in grid], dtype=np.float64)
+            for k, d in GRID_DEFAULTS.items()
+        }
         self.lr = self.hp["lr"] * self.unit  # [K]
         reps = num_replicas if algorithm == "rsgd" else 1
         self.sphere = objective == "error"
@@ -453,7 +460,13 @@ def run_grid(
             ck_b.append(b)
     diverged = ~np.isfinite(dyn.u).all(axis=(0, 2))
     if diverged.any():
-        log.info("%s/%s: %d of %d configurations diverged: %s", algorithm, objective,
-                 int(diverged.sum()), len(grid), [dict(g) for g, d in zip(grid, diverged) if d])
+        log.info(
+            "%s/%s: %d of %d configurations diverged: %s",
+            algorithm,
+            objective,
+            int(diverged.sum()),
+            len(grid),
+            [dict(g) for g, d in zip(grid, diverged) if d],
+        )
     evals = int(total * dyn.evals_per_step)
     return GridRun(np.asarray(ck_ep), np.stack(ck_w), evals, diverged, np.stack(ck_b))

@@ -100,9 +100,7 @@ def _gap_panel(ax: Any, summary: Sequence[dict[str, object]], j: int, alphas: li
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
 
-def _theory_lines(
-    axes: Any, theory: Mapping[str, Sequence[Any]], delta: float, rho: float
-) -> None:
+def _theory_lines(axes: Any, theory: Mapping[str, Sequence[Any]], delta: float, rho: float) -> None:
     """Replica-theory curves: gap in the closed-form panel, eps_g in the absolute panel."""
     for name, pts in theory.items():
         if not pts:
@@ -200,9 +198,7 @@ def plot_flatness_vs_eps(
             rs = [
                 r
                 for r in rows
-                if as_float(r["alpha"]) == a
-                and r["estimator"] == name
-                and r["stop"] == stop
+                if as_float(r["alpha"]) == a and r["estimator"] == name and r["stop"] == stop
             ]
             if not rs:
                 continue

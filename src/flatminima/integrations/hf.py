@@ -269,5 +269,3 @@ class GammaCallback(TrainerCallback):
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Advance the schedule (right after ``optimizer.step()``)."""
         advance_gamma(self.gamma_scheduler, self.unit)
-
-

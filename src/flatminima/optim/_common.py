@@ -36,8 +36,7 @@ def check_sgd_args(lr: float, momentum: float, weight_decay: float, nesterov: bo
         )
 
 
-def add_coupling_(grad: Tensor, w: Tensor, total: Tensor, kg: float, wd: float,
-                  count: int) -> None:
+def add_coupling_(grad: Tensor, w: Tensor, total: Tensor, kg: float, wd: float, count: int) -> None:
     """``grad += kg (w - total / count) + wd w`` in two in-place kernels.
 
     ``total / count`` is the replica centre ``c`` (``total`` a sum of replica parameters, from

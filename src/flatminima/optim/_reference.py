@@ -126,7 +126,11 @@ class ReferenceAdamW:
     """
 
     def __init__(
-        self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        self,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay

@@ -194,8 +194,9 @@ class EntropySGD(Optimizer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"Invalid seed value: {seed!r} (expected an int or None)")
         if not isinstance(one_batch_per_step, bool):
-            raise ValueError(f"Invalid one_batch_per_step value: {one_batch_per_step!r} "
-                             "(expected True or False)")
+            raise ValueError(
+                f"Invalid one_batch_per_step value: {one_batch_per_step!r} (expected True or False)"
+            )
         inner = dict(
             inner_lr=inner_lr,
             noise=noise,
@@ -272,9 +273,7 @@ class EntropySGD(Optimizer):
         if alpha >= 1.0:
             raise ValueError(f"Invalid mu_decay value: {alpha} (expected 0 <= mu_decay < 1)")
         if self._base_cls is None:
-            check_sgd_args(
-                group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
-            )
+            check_sgd_args(group["lr"], group["momentum"], group["weight_decay"], group["nesterov"])
         else:
             check_base_group(self._base_cls, group)
 
@@ -404,9 +403,7 @@ class EntropySGD(Optimizer):
         if self._anchored:
             raise RuntimeError(f"{what} called inside anchor_weights(); leave the block first")
 
-    def _collect(
-        self, starting: bool
-    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    def _collect(self, starting: bool) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """Per group: the active params and their gradients (validated before any change)."""
         for group in self.param_groups:
             for p in group["params"]:

@@ -91,9 +91,7 @@ def _combine(outs: list[Any], sizes: set[int]) -> Any:
         return _rebuild(first, [_combine(list(v), sizes) for v in zip(*outs)])
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         fields = [f.name for f in dataclasses.fields(first) if f.init]
-        return _rebuild(
-            first, {n: _combine([getattr(o, n) for o in outs], sizes) for n in fields}
-        )
+        return _rebuild(first, {n: _combine([getattr(o, n) for o in outs], sizes) for n in fields})
     try:
         if all(o == first for o in outs[1:]):
             return first

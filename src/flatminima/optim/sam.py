@@ -35,7 +35,12 @@ _NO_CLOSURE = (
 )
 _FOREIGN = ("entropy_sgd", "replicated_sgd")
 _IMPL_FLAGS = (
-    "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+    "foreach",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
 )
 
 

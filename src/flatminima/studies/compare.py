@@ -649,7 +649,6 @@ def compare(
     runs = collect(plan, progress=progress)
     result = aggregate(plan, runs, executor.describe())
     if write:
-
         write_compare_report(result)
     return result
 

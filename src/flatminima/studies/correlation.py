@@ -275,7 +275,6 @@ def load_study_grid(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     else:
         path = Path(spec)
         if not path.is_file():
-
             try:  # a shipped grid by name, e.g. "study-digits-mlp"
                 path = find_preset(str(spec))
             except FileNotFoundError:
@@ -557,7 +556,6 @@ def correlation_study(
     out = Path(out_dir)
     dirs = [out / "runs" / f"{i:03d}-{_slug(p)}" for i, p in enumerate(points)]
     if executor is None:
-
         executor = SerialExecutor()
     executor.run(list(zip(dirs, configs)), progress=progress)
     data = DataCache()
@@ -597,6 +595,5 @@ def correlation_study(
     }
     result = StudyResult(records, correlations, measures, out, settings)
     if write:
-
         write_study_report(result)
     return result

@@ -356,10 +356,17 @@ class Trainer:
             if augment is None:
                 raise ValueError(
                     f"augment=True, but data set {cfg.data!r} has no image augmentation "
-                    "(crop and flip apply to image data sets)")
+                    "(crop and flip apply to image data sets)"
+                )
         return [
-            TensorLoader(self.data.train, cfg.batch_size, shuffle=True, drop_last=True,
-                         augment=augment, seed=cfg.seed * 1009 + s)
+            TensorLoader(
+                self.data.train,
+                cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                augment=augment,
+                seed=cfg.seed * 1009 + s,
+            )
             for s in range(self.algo.num_streams)
         ]
 
@@ -534,8 +541,12 @@ class Trainer:
                 return finished
             if state is not None:
                 self.load_state_dict(state)
-                log.info("resumed %s at evaluation point %d (step %d)", self.out_dir,
-                         self.eval_point, self.step)
+                log.info(
+                    "resumed %s at evaluation point %d (step %d)",
+                    self.out_dir,
+                    self.eval_point,
+                    self.step,
+                )
             self._open_outputs()
             return self._train(max_eval_points)
         finally:
@@ -670,7 +681,9 @@ class Trainer:
             "eval_point": self.eval_point,
             "step": self.step,
             "samples": self.step * self.plan.samples_per_step,
-            "data_epochs": self.step * self.algo.batches_per_step * cfg.batch_size
+            "data_epochs": self.step
+            * self.algo.batches_per_step
+            * cfg.batch_size
             / self.plan.train_size,
             "lr": self.algo.optimizer.param_groups[0]["lr"],
             "gamma": self.algo.current_gamma(),
@@ -711,9 +724,11 @@ class Trainer:
         if self.folder is None:
             msg += "nothing was saved (no run folder)"
         elif self.eval_point > 0 and self.folder.file(RunFolder.CHECKPOINT).is_file():
-            msg += (f"the last good checkpoint (evaluation point {self.eval_point}, step "
-                    f"{self.plan.eval_point_step(self.eval_point)}) is kept in "
-                    f"{self.folder.file(RunFolder.CHECKPOINT)}")
+            msg += (
+                f"the last good checkpoint (evaluation point {self.eval_point}, step "
+                f"{self.plan.eval_point_step(self.eval_point)}) is kept in "
+                f"{self.folder.file(RunFolder.CHECKPOINT)}"
+            )
         else:
             msg += "no checkpoint was written (it diverged before the first evaluation point)"
         log.info(msg)  # the caller reports it (the CLI prints it, studies log a warning)
@@ -747,8 +762,7 @@ class Trainer:
             }
         layout = self.sync.layout()
         if layout is not None:
-            summary["distributed"] = {k: v for k, v in layout.items()
-                                      if k != "per_rank_batch_size"}
+            summary["distributed"] = {k: v for k, v in layout.items() if k != "per_rank_batch_size"}
         if self.folder is not None and self.sync.is_main:
             self.folder.write_summary(summary)
         return summary

@@ -143,16 +143,26 @@ def measure_run_flatness(
     train = trainer.data.train
     n = min(opts.samples, len(train))
     last = trainer.history[-1] if trainer.history else {}
-    about = {"run": str(run_dir), "run_status": status,
-             "train_error": last.get("train_error", math.nan)}
+    about = {
+        "run": str(run_dir),
+        "run_status": status,
+        "train_error": last.get("train_error", math.nan),
+    }
     hessian: dict[str, Any] = {}
     if opts.hessian:
         name, model = next(iter(models.items()))
         hessian = {"model": name, **_hessian(model, train, opts)}
     results, rows = {}, []
     for name, model in models.items():
-        res = local_energy(model, (train.x[:n], train.y[:n]), list(opts.sigmas),
-                           n_draws=opts.draws, noise=opts.noise, bn=opts.bn, seed=opts.seed)
+        res = local_energy(
+            model,
+            (train.x[:n], train.y[:n]),
+            list(opts.sigmas),
+            n_draws=opts.draws,
+            noise=opts.noise,
+            bn=opts.bn,
+            seed=opts.seed,
+        )
         results[name] = res
         extra = _hessian_columns(hessian, name)
         rows += [{**about, "model": name, **r, **extra} for r in res.to_rows()]
@@ -163,8 +173,11 @@ def measure_run_flatness(
         writer.writeheader()
         writer.writerows(rows)
     cfg = trainer.cfg
-    plot_local_energy(results, out / "local_energy.png",
-                      title=f"Local energy: {cfg.optimizer} {cfg.model}/{cfg.data} seed {cfg.seed}")
+    plot_local_energy(
+        results,
+        out / "local_energy.png",
+        title=f"Local energy: {cfg.optimizer} {cfg.model}/{cfg.data} seed {cfg.seed}",
+    )
     if hessian:
         with atomic_writer(out / "hessian.json") as fh:
             fh.write(json.dumps(hessian, indent=2))

@@ -183,10 +183,14 @@ def data_record(data: Any) -> dict[str, Any]:
     """
     files = []
     for path in _data_paths(data):
-        files.append({"path": str(path.resolve()), "bytes": path.stat().st_size,
-                      "sha256": _sha256(path)})
-    return {"name": getattr(data, "name", None), "source": str(getattr(data, "source", "")),
-            "files": files}
+        files.append(
+            {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        )
+    return {
+        "name": getattr(data, "name", None),
+        "source": str(getattr(data, "source", "")),
+        "files": files,
+    }
 
 
 def _config_diff(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:
@@ -247,8 +251,9 @@ class RunFolder:
     FLATNESS = "flatness.json"
     FLATNESS_DIR = "flatness"
 
-    def __init__(self, path: str | os.PathLike, *, heartbeat_s: float = 5.0,
-                 stale_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, heartbeat_s: float = 5.0, stale_s: float = 30.0
+    ) -> None:
         self.path = Path(path)
         self.lock = RunLock(self.path / self.LOCK, heartbeat_s=heartbeat_s, stale_s=stale_s)
 
@@ -350,8 +355,7 @@ class RunFolder:
             return None
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-                OSError) as exc:
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
             raise RunFileError(
                 f"could not read checkpoint {path} ({path.stat().st_size} bytes): it is "
                 f"truncated or corrupt ({_first_line(exc)}); delete it to restart this run "
@@ -472,14 +476,17 @@ class RunFolder:
             self.check_reuse(cfg)  # again, under the lock
             marker = self.marker()
             if marker is None:
-                self.write_json(self.MARKER, {
-                    "format": MARKER_FORMAT,
-                    "version": 1,
-                    "config_hash": config_hash(cfg),
-                    "config": cfg.numerics(),
-                    "data": data_record(data) if data is not None else None,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                })
+                self.write_json(
+                    self.MARKER,
+                    {
+                        "format": MARKER_FORMAT,
+                        "version": 1,
+                        "config_hash": config_hash(cfg),
+                        "config": cfg.numerics(),
+                        "data": data_record(data) if data is not None else None,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
             elif data is not None:
                 self.check_data(data)
         except BaseException:
@@ -524,8 +531,10 @@ class RunFolder:
 
 def data_record_light(data: Any) -> dict[str, Any]:
     """Source and file sizes of ``data`` (what :meth:`RunFolder.check_data` compares)."""
-    return {"source": str(getattr(data, "source", "")),
-            "sizes": {str(p.resolve()): p.stat().st_size for p in _data_paths(data)}}
+    return {
+        "source": str(getattr(data, "source", "")),
+        "sizes": {str(p.resolve()): p.stat().st_size for p in _data_paths(data)},
+    }
 
 
 # ---------------------------------------------------------------------------- lock
@@ -624,17 +633,23 @@ class RunLock:
     def describe(self, info: dict[str, Any] | None, age: float) -> str:
         if info is None:
             return f"an unknown process (unreadable lock, heartbeat {age:.0f} s ago)"
-        return (f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')}, "
-                f"heartbeat {age:.0f} s ago)")
+        return (
+            f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')}, "
+            f"heartbeat {age:.0f} s ago)"
+        )
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunFolderLocked` naming the holder."""
         if self.held:
             raise RunFolderLocked(f"{self.path.parent} is already open in this process")
         for _ in range(5):
-            info = {"host": socket.gethostname(), "pid": os.getpid(),
-                    "start": _process_start(os.getpid()), "token": uuid.uuid4().hex,
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "start": _process_start(os.getpid()),
+                "token": uuid.uuid4().hex,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -647,8 +662,9 @@ class RunLock:
             self._info, self._lost = info, None
             self._start_heartbeat()
             return
-        raise RunFolderLocked(f"{self.path.parent}: could not take {self.path.name}; other "
-                              "processes keep taking it")
+        raise RunFolderLocked(
+            f"{self.path.parent}: could not take {self.path.name}; other processes keep taking it"
+        )
 
     def _take_over_if_stale(self) -> None:
         found = self._read()
@@ -662,8 +678,9 @@ class RunLock:
                 f"it to finish or stop it (a killed process's lock is taken over "
                 f"automatically; delete {self.path} only if that process is gone)"
             )
-        log.warning("taking over the stale lock %s of %s: %s", self.path,
-                    self.describe(info, age), reason)
+        log.warning(
+            "taking over the stale lock %s of %s: %s", self.path, self.describe(info, age), reason
+        )
         aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, aside)
