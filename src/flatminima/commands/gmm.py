@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         if args.no_theory
         else theory_curves(
             cfg,
-            int(r["theory_points"]),
+            int(r["theory_points"]),  # type: ignore[call-overload]
             int(r["theory_max_iter"]),  # type: ignore[call-overload]
         )
     )

@@ -305,7 +305,7 @@ def run_tune(args: argparse.Namespace) -> int:
         executor=_executor(args),
     )
     ranked = rank_trials(result.trials)
-    print(format_table(ranked, trial_columns(result)))
+    print(format_table([dict(t) for t in ranked], trial_columns(result)))
     print(
         f"\nbest ({result.optimizer}): {result.fragment[result.optimizer]}  "
         f"-> {result.out_dir / 'best.yaml'}"

@@ -232,7 +232,7 @@ def data_parallel_algorithm(base: type[Algorithm]) -> type[Algorithm]:
         ) -> None:
             self.ctx = ctx
             super().__init__(cfg, model_factory, device)
-            self.module = self.model
+            self.module = self.model  # type: ignore[has-type]
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
 

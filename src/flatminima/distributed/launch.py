@@ -144,7 +144,7 @@ def launch_local(
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flatminima-launch-") as folder:
         procs = [
-            ctx.Process(
+            ctx.Process(  # type: ignore[attr-defined]
                 target=_entry,
                 args=(r, nprocs, port, dict(env or {}), fn, tuple(args), folder),
                 daemon=False,

@@ -205,7 +205,7 @@ class DistributedReplicatedSGD(Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Gradient averaging and coupling (if not called yet this step), then the SGD step.
 
         Args:

@@ -569,7 +569,7 @@ class EntropySGD(Optimizer):
 
     # ------------------------------------------------------------------ full step
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,

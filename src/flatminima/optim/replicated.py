@@ -865,7 +865,7 @@ class ReplicatedSGD(Optimizer):
         return t % self.param_groups[0]["coupling_every"] == 0
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Coupling (every ``K`` steps) + base update on all replicas.
 
         Args:

@@ -264,7 +264,7 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,

@@ -313,7 +313,7 @@ def _check_prereg(pre: Any, measure: Mapping[str, Any], where: str) -> dict[str,
     bad = sorted(set(pre) - set(_PREREG_KEYS))
     if bad:
         raise ValueError(f"Unknown preregistered key(s) {bad} in {where}; valid: {_PREREG_KEYS}")
-    out = {
+    out: dict[str, Any] = {
         "measures": list(pre.get("measures", _PREREG_MEASURES)),
         "sigmas": [float(s) for s in pre.get("sigmas", measure.get("sigmas", []))],
         "targets": list(pre.get("targets", TARGETS)),
@@ -422,7 +422,7 @@ def _correlate(
                 log.warning("no correlation of %s with %s: %s", m, t, exc)
                 continue
             rows.append({"measure": m, "target": t, **c.to_row(), "interval": method})
-    for r, p in zip(rows, holm([r["kendall_p"] for r in rows])):
+    for r, p in zip(rows, holm([float(r["kendall_p"]) for r in rows])):
         r["kendall_p_holm"] = p
     if "neg_free_entropy" in measures:
         phi = [r.get("neg_free_entropy", math.nan) for r in records]

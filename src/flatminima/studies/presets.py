@@ -102,7 +102,7 @@ def packaged_presets_dir() -> Path:
 
 def list_presets() -> list[str]:
     """Names of the presets found in :func:`preset_dirs` (sorted, without ``.yaml``)."""
-    names = set()
+    names: set[str] = set()
     for d in preset_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
@@ -330,21 +330,21 @@ def parse_grid(spec: str | dict[str, Any]) -> dict[str, list[Any]]:
                 parse_scalar(v) for v in vals.split(",") if v.strip()
             ]
     elif isinstance(spec, dict):
-        for key, vals in spec.items():
-            vals = list(vals) if isinstance(vals, (list, tuple)) else [vals]
-            grid[str(key)] = [parse_scalar(v) if isinstance(v, str) else v for v in vals]
+        for key, given in spec.items():
+            items = list(given) if isinstance(given, (list, tuple)) else [given]
+            grid[str(key)] = [parse_scalar(v) if isinstance(v, str) else v for v in items]
     else:
         raise ValueError(f"Invalid grid {spec!r}: expected 'KEY=V1,V2;KEY2=...' or a mapping")
     if not grid:
         raise ValueError(f"Empty grid {spec!r}: give at least one KEY=V1,V2,... item")
-    for key, vals in grid.items():
+    for key, values in grid.items():
         try:
             check_key(key)
         except ConfigError as err:
             raise ConfigError(f"Invalid grid key {key!r}: {err}") from None
-        if not vals:
+        if not values:
             raise ValueError(f"Grid key {key!r} has no values")
-        grid[key] = [_grid_value(key, v) for v in vals]
+        grid[key] = [_grid_value(key, v) for v in values]
     return grid
 
 

@@ -106,7 +106,7 @@ class Algorithm:
         self, cfg: TrainConfig, model_factory: Callable[[], nn.Module], device: torch.device
     ) -> None:
         self._init_common(cfg, device)
-        self.model = model_factory().to(device)
+        self.model: nn.Module = model_factory().to(device)
         self.optimizer = self._make_optimizer()
 
     # ------------------------------------------------------------------ building blocks
