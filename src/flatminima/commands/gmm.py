@@ -113,6 +113,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"subset of: {','.join(ESTIMATORS)} (default: all but max_margin; "
         "bayes_optimal only when --rho is not 0.5)",
     )
+    _add_budget_and_measures(p)
+    p.add_argument("--out", default="runs/gmm", help="output folder (resumable; default runs/gmm)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small defaults for a smoke test (seconds): N=100, alphas 1,4, seed 0, "
+        "3 epochs, theory at the study's alphas only; flags you give still apply",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _add_budget_and_measures(p: argparse.ArgumentParser) -> None:
+    """The training budget, the flatness measures and the replica-theory flags."""
+    d, q = DEFAULTS, QUICK
     p.add_argument(
         "--epochs",
         type=float,
@@ -148,15 +163,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"not converged (default {d['theory_max_iter']}; --quick: "
         f"{q['theory_max_iter']})",
     )
-    p.add_argument("--out", default="runs/gmm", help="output folder (resumable; default runs/gmm)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="small defaults for a smoke test (seconds): N=100, alphas 1,4, seed 0, "
-        "3 epochs, theory at the study's alphas only; flags you give still apply",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def resolve(args: argparse.Namespace) -> dict[str, object]:
