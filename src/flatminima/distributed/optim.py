@@ -11,14 +11,20 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatminima.optim._common import add_coupling_, check_nonneg, check_sgd_args, sgd_step_
+from flatminima.optim._common import (
+    PassCounter,
+    add_coupling_,
+    check_nonneg,
+    check_sgd_args,
+    sgd_step_,
+)
 
 __all__ = ["DistributedReplicatedSGD"]
 
 log = logging.getLogger(__name__)
 
 
-class DistributedReplicatedSGD(Optimizer):
+class DistributedReplicatedSGD(Optimizer, PassCounter):
     r"""Replicated-SGD where each process holds one replica ``w_a`` and the centre is an all-reduce.
 
     The same algorithm as :class:`flatminima.optim.ReplicatedSGD` (Pittorino et al., ICLR 2021,
@@ -257,12 +263,6 @@ class DistributedReplicatedSGD(Optimizer):
         self._coupled_done = False
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def passes(self) -> int:
-        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
-        (read-only; samples through backward = passes x batch size)."""
-        return self.grad_evals
-
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state (the flat momentum buffer) plus the step counters."""
         sd = super().state_dict()

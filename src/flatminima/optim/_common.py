@@ -1,13 +1,35 @@
-"""Shared validation and the torch-SGD base step (private helpers)."""
+"""Shared validation, the torch-SGD base step and the pass counter (private helpers)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__: list[str] = []
+
+
+class PassCounter:
+    """Mixin of the package's optimizers: the pass counter by its unit's name, the live gradients.
+
+    The optimizer keeps ``grad_evals``, the backward passes of one minibatch so far (one pass =
+    one forward and backward of one minibatch through one model copy); :attr:`passes` reads it.
+    """
+
+    grad_evals: int
+    param_groups: list[dict[str, Any]]
+
+    @property
+    def passes(self) -> int:
+        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
+        (read-only; samples through backward = passes x batch size)."""
+        return self.grad_evals
+
+    def _grads(self) -> list[Tensor]:
+        """The gradients present in the param groups (what a ``GradScaler`` unscales)."""
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
 
 def check_nonneg(name: str, value: float) -> None:

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from flatminima.optim import _amp
 from flatminima.optim._common import (
+    PassCounter,
     check_base_group,
     check_nonneg,
     check_optimizer_class,
@@ -60,7 +61,7 @@ def mean_loss(losses: list[Any]) -> Tensor | None:
     return torch.stack([t.reshape(()).to(device=device, dtype=dtype) for t in ts]).mean()
 
 
-class EntropySGD(Optimizer):
+class EntropySGD(Optimizer, PassCounter):
     r"""Entropy-SGD with a torch-SGD (or any base optimizer's) outer step.
 
     Per outer step, with ``gamma`` the group's current coupling :math:`\gamma_t`, ``inner_lr``
@@ -660,16 +661,7 @@ class EntropySGD(Optimizer):
             _amp.finish(grad_scaler, self, found_inf)
         return loss
 
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def passes(self) -> int:
-        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
-        (read-only; samples through backward = passes x batch size)."""
-        return self.grad_evals
-
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state plus counters, the noise generators' and the base's state.
 

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from flatminima.optim._common import add_coupling_, check_nonneg, check_sgd_args, sgd_step_
+from flatminima.optim._common import (
+    PassCounter,
+    add_coupling_,
+    check_nonneg,
+    check_sgd_args,
+    sgd_step_,
+)
 
 __all__ = ["Replicas", "ReplicatedSGD", "update_bn"]
 
@@ -641,7 +647,7 @@ def compile_available() -> bool:
     return _compiled_update() is not None
 
 
-class ReplicatedSGD(Optimizer):
+class ReplicatedSGD(Optimizer, PassCounter):
     r"""SGD (or any elementwise base optimizer) on ``y`` replicas coupled to their centre.
 
     Replicated-SGD ("rSGD"). Objective :math:`\sum_a E(w_a) + \frac{\gamma}{2}\sum_a
@@ -950,12 +956,6 @@ class ReplicatedSGD(Optimizer):
             total = w.sum(0, keepdim=True) if couple else None
             fn(w.detach(), w.grad, buf, total, scal, len(self.replicas), group["nesterov"])
         return True
-
-    @property
-    def passes(self) -> int:
-        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
-        (read-only; samples through backward = passes x batch size)."""
-        return self.grad_evals
 
     def state_dict(self) -> dict[str, Any]:
         """Torch optimizer state (``[y, N]`` momenta) plus the counters (and the base's state)."""

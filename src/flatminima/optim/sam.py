@@ -19,7 +19,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from flatminima.optim import _amp
-from flatminima.optim._common import check_base_group, check_nonneg, check_optimizer_class
+from flatminima.optim._common import (
+    PassCounter,
+    check_base_group,
+    check_nonneg,
+    check_optimizer_class,
+)
 
 __all__ = ["SAM", "disable_running_stats", "enable_running_stats"]
 
@@ -84,7 +89,7 @@ def enable_running_stats(model: nn.Module) -> None:
             delattr(m, _SAVED)
 
 
-class SAM(Optimizer):
+class SAM(Optimizer, PassCounter):
     r"""SAM / ASAM wrapped around any base optimizer.
 
     With ``g = grad E(w)`` from the first pass and, per group, ``rho`` and ``T = |w|`` if
@@ -324,18 +329,9 @@ class SAM(Optimizer):
             _amp.finish(grad_scaler, self, found_inf)
         return loss
 
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients (delegates to the base optimizer)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def passes(self) -> int:
-        """Backward passes of one minibatch so far: :attr:`grad_evals` by its unit's name
-        (read-only; samples through backward = passes x batch size)."""
-        return self.grad_evals
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (groups carry ``rho``/``adaptive``) plus counters."""
