@@ -254,29 +254,33 @@ class ExponentialGamma(GammaScheduler):
         super().__init__(optimizer, fn, last_step)
 
 
-class LinearGamma(GammaScheduler):
+class _RampGamma(GammaScheduler):
+    """A ramp from ``gamma0`` to ``gamma_final`` over ``total_steps``, then constant; a subclass
+    names the ramp's shape in :meth:`ramp` (a schedule factory with the arguments of
+    :func:`linear_gamma`)."""
+
+    @staticmethod
+    def ramp(gamma0: float, gamma_final: float, total_steps: int) -> Schedule:
+        raise NotImplementedError  # set by each subclass
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        gamma0: float,
+        gamma_final: float,
+        total_steps: int,
+        last_step: int = -1,
+    ) -> None:
+        super().__init__(optimizer, type(self).ramp(gamma0, gamma_final, total_steps), last_step)
+
+
+class LinearGamma(_RampGamma):
     """Linear ramp from ``gamma0`` to ``gamma_final`` over ``total_steps``, then constant."""
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        gamma0: float,
-        gamma_final: float,
-        total_steps: int,
-        last_step: int = -1,
-    ) -> None:
-        super().__init__(optimizer, linear_gamma(gamma0, gamma_final, total_steps), last_step)
+    ramp = staticmethod(linear_gamma)
 
 
-class CosineGamma(GammaScheduler):
+class CosineGamma(_RampGamma):
     """Half-cosine ramp from ``gamma0`` to ``gamma_final`` over ``total_steps``, then constant."""
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        gamma0: float,
-        gamma_final: float,
-        total_steps: int,
-        last_step: int = -1,
-    ) -> None:
-        super().__init__(optimizer, cosine_gamma(gamma0, gamma_final, total_steps), last_step)
+    ramp = staticmethod(cosine_gamma)
