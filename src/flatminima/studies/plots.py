@@ -70,6 +70,30 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def _arm_axes(curves: Curves, what: str) -> tuple[Any, Any, dict[str, str]]:
+    """One figure with one axes for curves per arm, and the arms' colours.
+
+    Raises:
+        ValueError: no curves (``what`` names them in the message).
+    """
+    if not curves:
+        raise ValueError(f"No {what} curves to plot")
+    fig = _figure()
+    return fig, fig.add_subplot(1, 1, 1), arm_colors(list(curves))
+
+
+def _save_arm_axes(
+    fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str
+) -> Path:
+    """Label the axes of :func:`_arm_axes` (legend: the optimizers, mean ± SE) and save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="optimizer (mean ± SE over seeds)", fontsize=9)
+    return _save(fig, path)
+
+
 def plot_learning_curves(
     curves: Curves, path: str | Path, *, title: str, ylabel: str = "test error"
 ) -> Path:
@@ -85,13 +109,9 @@ def plot_learning_curves(
     Raises:
         ValueError: no curves.
     """
-    if not curves:
-        raise ValueError("No learning curves to plot")
     import numpy as np
 
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    colors = arm_colors(list(curves))
+    fig, ax, colors = _arm_axes(curves, "learning")
     for arm, curve in curves.items():
         c = current_names(curve)
         if not c["samples"]:
@@ -99,12 +119,7 @@ def plot_learning_curves(
         x, m, s = (np.asarray(c[k], dtype=float) for k in ("samples", "mean", "se"))
         ax.plot(x, m, marker="o", ms=3, label=arm, color=colors[arm])
         ax.fill_between(x, m - s, m + s, color=colors[arm], alpha=0.2, lw=0)
-    ax.set_xlabel("samples through backward")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(title="optimizer (mean ± SE over seeds)", fontsize=9)
-    return _save(fig, path)
+    return _save_arm_axes(fig, ax, path, "samples through backward", ylabel, title)
 
 
 def plot_energy_curves(
@@ -125,11 +140,7 @@ def plot_energy_curves(
     Raises:
         ValueError: no curves.
     """
-    if not curves:
-        raise ValueError("No local-energy curves to plot")
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    colors = arm_colors(list(curves))
+    fig, ax, colors = _arm_axes(curves, "local-energy")
     for arm, c in curves.items():
         ax.errorbar(
             c["sigmas"],
@@ -141,12 +152,8 @@ def plot_energy_curves(
             label=arm,
             color=colors[arm],
         )
-    ax.set_xlabel("σ (multiplicative weight noise w(1 + σξ))")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(title="optimizer (mean ± SE over seeds)", fontsize=9)
-    return _save(fig, path)
+    xlabel = "σ (multiplicative weight noise w(1 + σξ))"
+    return _save_arm_axes(fig, ax, path, xlabel, ylabel, title)
 
 
 def plot_scatter(
