@@ -12,7 +12,7 @@ from flatminima.studies.compare import compare
 from flatminima.studies.correlation import correlation_study
 from flatminima.studies.executors import make_executor
 from flatminima.studies.presets import load_preset
-from flatminima.studies.report import compare_table_columns
+from flatminima.studies.report import compare_table_columns, correlation_table_columns
 from flatminima.studies.tune import rank_trials, trial_columns, tune
 from flatminima.train.config import coerce, parse_override
 from flatminima.train.values import to_float, to_int
@@ -62,18 +62,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-noise", type=float, help="fraction of training labels flipped")
     p.add_argument("--budget-epochs", type=float, help="budget in epochs (see --budget)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    _add_output(p, "run")
+
+
+def _add_output(p: argparse.ArgumentParser, what: str) -> None:
+    """``--set`` (a TrainConfig override for every ``what``), ``--out`` and ``--no-progress``."""
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="override any TrainConfig key for every run (repeatable)",
+        help=f"override any TrainConfig key for every {what} (repeatable)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig overrides of the flags a subcommand has (others are absent), then --set."""
     over: dict[str, Any] = {}
     for flag, key in (
         ("data", "data"),
@@ -252,15 +258,7 @@ def _register_study(subparsers: Any) -> None:
     )
     p.add_argument("--n-boot", type=_count(1), help="bootstrap resamples (default 1000)")
     p.add_argument("--device", help="cpu, cuda, ...")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        default=[],
-        help="override any TrainConfig key for every network (repeatable)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_output(p, "network")
     _add_executor(p)
     p.set_defaults(func=run_study)
 
@@ -314,38 +312,15 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    over: dict[str, Any] = {}
-    for key in ("data", "model", "device"):
-        if getattr(args, key) is not None:
-            over[key] = getattr(args, key)
-    for item in args.set:
-        key, text = parse_override(item)
-        over[key] = coerce(key, text)
     result = correlation_study(
         args.out,
         args.grid,
-        overrides=over,
+        overrides=_overrides(args),
         free_entropy=args.free_entropy,
         n_boot=args.n_boot,
         progress=args.progress,
         executor=_executor(args),
     )
-    print(
-        format_table(
-            result.correlations,
-            [
-                "measure",
-                "target",
-                "n",
-                "kendall_tau",
-                "tau_ci_low",
-                "tau_ci_high",
-                "kendall_p",
-                "spearman_rho",
-                "spearman_p",
-            ],
-            digits=3,
-        )
-    )
+    print(format_table(result.correlations, correlation_table_columns(full=False), digits=3))
     print(f"\nreport: {result.out_dir / 'report.md'}")
     return 0

@@ -27,6 +27,7 @@ BUDGET_LABELS = {"grad-evals": "equal gradient evaluations", "epochs": "equal ep
 __all__ = [
     "BUDGET_LABELS",
     "compare_table_columns",
+    "correlation_table_columns",
     "measure_label",
     "write_compare_report",
     "write_csv",
@@ -69,6 +70,16 @@ def compare_table_columns(result: CompareResult) -> list[str]:
     if len(result.settings["budgets"]) > 1:
         cols.insert(0, "budget")
     return cols
+
+
+def correlation_table_columns(*, full: bool = True) -> list[str]:
+    """Columns of the correlation table: the report's (``full``) or the terminal's, which leaves
+    out the Holm-adjusted p-value and Spearman's interval."""
+    cols = ["measure", "target", "n", "kendall_tau", "tau_ci_low", "tau_ci_high", "kendall_p"]
+    cols += ["kendall_p_holm", "spearman_rho", "rho_ci_low", "rho_ci_high", "spearman_p"]
+    if full:
+        return cols
+    return [c for c in cols if c not in ("kendall_p_holm", "rho_ci_low", "rho_ci_high")]
 
 
 def _budget_suffix(result: CompareResult, budget: str) -> str:
@@ -405,20 +416,7 @@ def _excluded_lines(s: dict[str, Any]) -> list[str]:
 def _study_lines(result: StudyResult, images: list[tuple[str, str]]) -> list[str]:
     """The Markdown lines of a study report."""
     s = result.settings
-    cols = [
-        "measure",
-        "target",
-        "n",
-        "kendall_tau",
-        "tau_ci_low",
-        "tau_ci_high",
-        "kendall_p",
-        "kendall_p_holm",
-        "spearman_rho",
-        "rho_ci_low",
-        "rho_ci_high",
-        "spearman_p",
-    ]
+    cols = correlation_table_columns()
     main = [c for c in result.correlations if c["target"] in result.targets]
     cross = [c for c in result.correlations if c["target"] not in result.targets]
     lines = ["# Flatness vs generalization", ""]
