@@ -37,6 +37,7 @@ from flatminima.train.algorithms import (
     Batch,
     NextBatch,
     _gamma_scheduler,
+    center_and_replicas,
     clip_grad_norm_rows_,
 )
 from flatminima.train.config import TrainConfig
@@ -203,10 +204,7 @@ class DistributedReplicatedAlgorithm(Algorithm):
         center = self._eval_center
         if self.cfg.bn == "recalibrate" and recalibrate_data is not None:
             update_bn(recalibrate_data, center)
-        models: dict[str, nn.Module] = {"center": center}
-        for a, replica in enumerate(self._eval_replicas):
-            models[f"replica{a}"] = replica
-        return models
+        return center_and_replicas(center, self._eval_replicas)
 
     def ensemble_members(self) -> list[nn.Module]:
         return list(self._eval_replicas)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -358,13 +358,18 @@ class ReplicatedSGDAlgorithm(Algorithm):
         center = self.replicas.center()
         if self.cfg.bn == "recalibrate" and recalibrate_data is not None:
             self.replicas.recalibrate_bn(recalibrate_data)
-        models: dict[str, nn.Module] = {"center": center}
-        for a, replica in enumerate(self.replicas):
-            models[f"replica{a}"] = replica
-        return models
+        return center_and_replicas(center, self.replicas)
 
     def ensemble_members(self) -> list[nn.Module]:
         return list(self.replicas)
+
+
+def center_and_replicas(center: nn.Module, replicas: Iterable[nn.Module]) -> dict[str, nn.Module]:
+    """What a replica algorithm evaluates: ``{"center": c, "replica0": w_0, "replica1": ...}``."""
+    models: dict[str, nn.Module] = {"center": center}
+    for a, replica in enumerate(replicas):
+        models[f"replica{a}"] = replica
+    return models
 
 
 def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
