@@ -9,6 +9,7 @@ the flag to the scaler so that a single ``update()`` backs off (or grows) the sc
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -48,8 +49,33 @@ def unscale_(scaler: torch.amp.GradScaler, grads: list[Tensor], found_inf: Tenso
             found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.device)))
 
 
-def finish(scaler: torch.amp.GradScaler, optimizer: object, found_inf: Tensor) -> None:
-    """Record the accumulated flag for ``optimizer`` and update the scale once."""
+def unscale_pass(
+    scaler: torch.amp.GradScaler | None,
+    grads: Callable[[], list[Tensor]],
+    found_inf: Tensor | None = None,
+) -> Tensor | None:
+    """Unscale one backward pass's gradients ``grads()``, accumulating the flag ``found_inf``.
+
+    Returns the flag (a new one when ``found_inf`` is None, i.e. on a step's first pass), or
+    None, having done nothing, when ``scaler`` is None or disabled.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    if found_inf is None:
+        found_inf = new_found_inf(scaler)
+    unscale_(scaler, grads(), found_inf)
+    return found_inf
+
+
+def finish(
+    scaler: torch.amp.GradScaler | None, optimizer: object, found_inf: Tensor | None
+) -> None:
+    """Record the accumulated flag for ``optimizer`` and update the scale once.
+
+    A no-op when ``found_inf`` is None (no scaler in use: :func:`unscale_pass` returned None).
+    """
+    if scaler is None or found_inf is None:
+        return
     from torch.amp.grad_scaler import OptState
 
     state = scaler._per_optimizer_states[id(optimizer)]  # noqa: SLF001

@@ -607,18 +607,13 @@ class EntropySGD(Optimizer, PassCounter):
             raise TypeError(_NO_CLOSURE)
         if self._inner_count != 0:
             raise RuntimeError("step() called in the middle of an outer step (inner_count != 0)")
-        use_scaler = grad_scaler is not None and grad_scaler.is_enabled()
         found_inf: Tensor | None = None
         losses: list[Any] = []
         try:
             for _ in range(self.inner_steps):
                 with torch.enable_grad():
                     losses.append(closure())
-                if use_scaler:
-                    assert grad_scaler is not None
-                    if found_inf is None:
-                        found_inf = _amp.new_found_inf(grad_scaler)
-                    _amp.unscale_(grad_scaler, self._grads(), found_inf)
+                found_inf = _amp.unscale_pass(grad_scaler, self._grads, found_inf)
                 self.inner_step()
         except BaseException:
             self.cancel_outer_step()  # a failing closure leaves the weights at x
@@ -628,9 +623,7 @@ class EntropySGD(Optimizer, PassCounter):
             self.cancel_outer_step()
         else:
             self.outer_step()
-        if use_scaler:
-            assert grad_scaler is not None and found_inf is not None
-            _amp.finish(grad_scaler, self, found_inf)
+        _amp.finish(grad_scaler, self, found_inf)
         return mean_loss(losses)
 
     def _step_one_batch(
@@ -643,12 +636,7 @@ class EntropySGD(Optimizer, PassCounter):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        use_scaler = grad_scaler is not None and grad_scaler.is_enabled()
-        found_inf: Tensor | None = None
-        if use_scaler:
-            assert grad_scaler is not None
-            found_inf = _amp.new_found_inf(grad_scaler)
-            _amp.unscale_(grad_scaler, self._grads(), found_inf)
+        found_inf = _amp.unscale_pass(grad_scaler, self._grads)
         if found_inf is not None and found_inf.item() != 0.0:
             logger.debug("EntropySGD: inf/nan gradient, skipping this Langevin step")
             self.grad_evals += 1
@@ -656,9 +644,7 @@ class EntropySGD(Optimizer, PassCounter):
             self.inner_step()
             if self._inner_count >= self.inner_steps:
                 self.outer_step()
-        if use_scaler:
-            assert grad_scaler is not None and found_inf is not None
-            _amp.finish(grad_scaler, self, found_inf)
+        _amp.finish(grad_scaler, self, found_inf)
         return loss
 
     # ------------------------------------------------------------------ checkpoints

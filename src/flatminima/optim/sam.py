@@ -290,19 +290,14 @@ class SAM(Optimizer, PassCounter):
         """
         if closure is None:
             raise TypeError(_NO_CLOSURE)
-        use_scaler = grad_scaler is not None and grad_scaler.is_enabled()
         with torch.enable_grad():
             loss = closure()
-        found_inf = None
-        if use_scaler:
-            assert grad_scaler is not None
-            found_inf = _amp.new_found_inf(grad_scaler)
-            _amp.unscale_(grad_scaler, self._grads(), found_inf)
-            if found_inf.item() != 0.0:
-                logger.debug("SAM: inf/nan gradient in the first pass, skipping the step")
-                self.grad_evals += 1
-                _amp.finish(grad_scaler, self, found_inf)
-                return loss
+        found_inf = _amp.unscale_pass(grad_scaler, self._grads)
+        if found_inf is not None and found_inf.item() != 0.0:
+            logger.debug("SAM: inf/nan gradient in the first pass, skipping the step")
+            self.grad_evals += 1
+            _amp.finish(grad_scaler, self, found_inf)
+            return loss
         self.first_step(zero_grad=True)
         guard = disable_running_stats(self.model) if self.model is not None else None
         try:
@@ -314,19 +309,15 @@ class SAM(Optimizer, PassCounter):
         finally:
             if guard is not None:
                 enable_running_stats(self.model)  # type: ignore[arg-type]
-        if use_scaler:
-            assert grad_scaler is not None and found_inf is not None
-            _amp.unscale_(grad_scaler, self._grads(), found_inf)
-            if found_inf.item() != 0.0:
-                logger.debug("SAM: inf/nan gradient in the second pass, skipping the step")
-                self.restore()
-                self.grad_evals += 2
-                _amp.finish(grad_scaler, self, found_inf)
-                return loss
-        self.second_step()
-        if use_scaler:
-            assert grad_scaler is not None and found_inf is not None
+        found_inf = _amp.unscale_pass(grad_scaler, self._grads, found_inf)
+        if found_inf is not None and found_inf.item() != 0.0:
+            logger.debug("SAM: inf/nan gradient in the second pass, skipping the step")
+            self.restore()
+            self.grad_evals += 2
             _amp.finish(grad_scaler, self, found_inf)
+            return loss
+        self.second_step()
+        _amp.finish(grad_scaler, self, found_inf)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
