@@ -39,6 +39,7 @@ from flatminima.train.algorithms import (
     _gamma_scheduler,
     center_and_replicas,
     clip_grad_norm_rows_,
+    replicated_settings,
 )
 from flatminima.train.config import TrainConfig
 
@@ -110,14 +111,7 @@ class DistributedReplicatedAlgorithm(Algorithm):
             p.grad = None
         self.model = model.to(device)
         self.optimizer: DistributedReplicatedSGD = DistributedReplicatedSGD(
-            self.model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-            gamma=cfg.gamma,
-            coupling_every=cfg.coupling_every,
-            replica_group=ctx.replica_group,
+            self.model.parameters(), **replicated_settings(cfg), replica_group=ctx.replica_group
         )
         self._eval_replicas: list[nn.Module] = []
         self._eval_center: nn.Module | None = None

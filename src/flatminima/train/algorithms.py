@@ -138,13 +138,7 @@ class Algorithm:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        return torch.optim.SGD(
-            self.model.parameters(),
-            lr=c.lr,
-            momentum=c.momentum,
-            nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
-        )
+        return torch.optim.SGD(self.model.parameters(), **sgd_settings(c))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -222,10 +216,7 @@ class EntropySGDAlgorithm(Algorithm):
         c = self.cfg
         return EntropySGD(
             self.model.parameters(),
-            lr=c.lr,
-            momentum=c.momentum,
-            nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
+            **sgd_settings(c),
             inner_steps=c.inner_steps,
             inner_lr=c.inner_lr,
             noise=c.noise,
@@ -269,10 +260,7 @@ class SAMAlgorithm(Algorithm):
             rho=c.rho,
             adaptive=c.adaptive,
             model=self.model,
-            lr=c.lr,
-            momentum=c.momentum,
-            nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
+            **sgd_settings(c),
         )
 
     def step(self, next_batch: NextBatch) -> float:
@@ -314,15 +302,7 @@ class ReplicatedSGDAlgorithm(Algorithm):
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        return ReplicatedSGD(
-            self.replicas,
-            lr=c.lr,
-            momentum=c.momentum,
-            nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
-            gamma=c.gamma,
-            coupling_every=c.coupling_every,
-        )
+        return ReplicatedSGD(self.replicas, **replicated_settings(c))
 
     def make_gamma_scheduler(self, total_steps: int) -> None:
         self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
@@ -362,6 +342,21 @@ class ReplicatedSGDAlgorithm(Algorithm):
 
     def ensemble_members(self) -> list[nn.Module]:
         return list(self.replicas)
+
+
+def sgd_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The torch-SGD settings of ``cfg`` that every optimizer here takes (SAM: its base SGD)."""
+    return {
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "nesterov": cfg.nesterov,
+        "weight_decay": cfg.weight_decay,
+    }
+
+
+def replicated_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of ``cfg`` that Replicated-SGD takes, in one process or distributed."""
+    return {**sgd_settings(cfg), "gamma": cfg.gamma, "coupling_every": cfg.coupling_every}
 
 
 def center_and_replicas(center: nn.Module, replicas: Iterable[nn.Module]) -> dict[str, nn.Module]:
