@@ -113,6 +113,21 @@ def sgd_step_(
     return bufs
 
 
+def group_with_defaults(param_group: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A new param group's values with the optimizer's ``defaults`` filled in, for checking.
+
+    ``param_group["params"]`` is made a list in place when it is an iterator (so that it survives
+    the check); a lone tensor stays as given, and is a one-element list in the returned copy.
+    """
+    params = param_group["params"]
+    if not isinstance(params, (Tensor, set)):
+        param_group["params"] = list(params)  # a generator must survive the check
+    merged = {**defaults, **param_group}
+    if isinstance(params, Tensor):
+        merged["params"] = [params]
+    return merged
+
+
 def check_optimizer_class(name: str, cls: object) -> None:
     """Raise ``TypeError`` unless ``cls`` is a ``torch.optim.Optimizer`` class (not an instance)."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):

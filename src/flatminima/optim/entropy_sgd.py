@@ -27,6 +27,7 @@ from flatminima.optim._common import (
     check_optimizer_class,
     check_positive,
     check_sgd_args,
+    group_with_defaults,
     sgd_step_,
 )
 
@@ -284,12 +285,7 @@ class EntropySGD(Optimizer, PassCounter):
         Raises:
             ValueError: on an invalid hyperparameter; ``param_groups`` is then unchanged.
         """
-        params = param_group["params"]
-        if not isinstance(params, (Tensor, set)):
-            param_group["params"] = list(params)  # a generator must survive the check
-        merged = {**self.defaults, **param_group}
-        if isinstance(params, Tensor):
-            merged["params"] = [params]
+        merged = group_with_defaults(param_group, self.defaults)
         self._check_group(merged)
         if self.base_optimizer is None:
             super().add_param_group(param_group)

@@ -24,6 +24,7 @@ from flatminima.optim._common import (
     check_base_group,
     check_nonneg,
     check_optimizer_class,
+    group_with_defaults,
 )
 
 __all__ = ["SAM", "disable_running_stats", "enable_running_stats"]
@@ -183,12 +184,7 @@ class SAM(Optimizer, PassCounter):
             ValueError: on a bad ``rho`` or a value the base optimizer rejects (e.g. ``lr=-1``);
                 ``param_groups`` is then unchanged.
         """
-        params = param_group["params"]
-        if not isinstance(params, (Tensor, set)):
-            param_group["params"] = list(params)  # a generator must survive the check
-        merged = {**self.defaults, **param_group}
-        if isinstance(params, Tensor):
-            merged["params"] = [params]
+        merged = group_with_defaults(param_group, self.defaults)
         check_nonneg("rho", merged["rho"])
         check_base_group(self._base_cls, merged)
         if hasattr(self, "base_optimizer"):
