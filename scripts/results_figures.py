@@ -109,7 +109,7 @@ def gmm_figure(root: Path, out: Path, settings: list[str]) -> Path:
     fig, axes = plt.subplots(
         1,
         len(settings),
-        figsize=(4.2 * len(settings), 4.2),
+        figsize=(max(6.0, 4.0 * len(settings)), 5.0),
         constrained_layout=True,
         sharey=True,
         squeeze=False,
@@ -150,7 +150,9 @@ def gmm_figure(root: Path, out: Path, settings: list[str]) -> Path:
         )
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error - Bayes classifier's (pp)", fontsize=11)
-    axes[0][0].legend(fontsize=9, loc="upper right")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    ncol = 3 if len(settings) > 1 else 2
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=10)
     path = out / "gmm_gap_vs_alpha.png"
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
