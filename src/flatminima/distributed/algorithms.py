@@ -36,7 +36,6 @@ from flatminima.train.algorithms import (
     Algorithm,
     Batch,
     NextBatch,
-    _gamma_scheduler,
     center_and_replicas,
     clip_grad_norm_rows_,
     replicated_settings,
@@ -115,9 +114,6 @@ class DistributedReplicatedAlgorithm(Algorithm):
         )
         self._eval_replicas: list[nn.Module] = []
         self._eval_center: nn.Module | None = None
-
-    def make_gamma_scheduler(self, total_steps: int) -> None:
-        self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
 
     def step(self, next_batch: NextBatch) -> float:
         """One rSGD step of the local replica; returns the loss averaged over all replicas."""

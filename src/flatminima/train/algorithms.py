@@ -152,7 +152,20 @@ class Algorithm:
         return F.cross_entropy(out.float(), y)
 
     def make_gamma_scheduler(self, total_steps: int) -> None:
-        """Attach the exponential coupling schedule ("scoping") when the algorithm has a gamma."""
+        """Attach the exponential coupling schedule ("scoping") when the algorithm has a gamma.
+
+        The optimizer's param groups carry ``gamma`` exactly for the coupled algorithms (eSGD,
+        rSGD, in one process or distributed); SGD and SAM get no schedule.
+        """
+        if self.current_gamma() is None:
+            return
+        self.gamma_scheduler = ExponentialGamma(
+            self.optimizer,
+            self.cfg.gamma,
+            growth=self.cfg.gamma_growth,
+            total_steps=max(total_steps, 1),
+            gamma_max=self.cfg.gamma_max,
+        )
 
     # ------------------------------------------------------------------ the step
     def train_mode(self) -> None:
@@ -225,9 +238,6 @@ class EntropySGDAlgorithm(Algorithm):
             scale_by_gamma=c.scale_by_gamma,
             seed=c.seed,
         )
-
-    def make_gamma_scheduler(self, total_steps: int) -> None:
-        self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
 
     def step(self, next_batch: NextBatch) -> float:
         def closure() -> torch.Tensor:
@@ -304,9 +314,6 @@ class ReplicatedSGDAlgorithm(Algorithm):
         c = self.cfg
         return ReplicatedSGD(self.replicas, **replicated_settings(c))
 
-    def make_gamma_scheduler(self, total_steps: int) -> None:
-        self.gamma_scheduler = _gamma_scheduler(self.optimizer, self.cfg, total_steps)
-
     def step(self, next_batch: NextBatch) -> float:
         self.optimizer.zero_grad()
         total = None
@@ -365,16 +372,6 @@ def center_and_replicas(center: nn.Module, replicas: Iterable[nn.Module]) -> dic
     for a, replica in enumerate(replicas):
         models[f"replica{a}"] = replica
     return models
-
-
-def _gamma_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    return ExponentialGamma(
-        optimizer,
-        cfg.gamma,
-        growth=cfg.gamma_growth,
-        total_steps=max(total_steps, 1),
-        gamma_max=cfg.gamma_max,
-    )
 
 
 _ADAPTERS: tuple[type[Algorithm], ...] = (
