@@ -176,6 +176,12 @@ class Algorithm:
         batch = next_batch(0)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model, batch)
+        self._backward_and_step(loss)
+        return float(loss.detach())
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` and the optimizer step: through the GradScaler under AMP, else
+        plain backward, :meth:`clip_gradients` and the step."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -184,7 +190,15 @@ class Algorithm:
             loss.backward()
             self.clip_gradients()
             self.optimizer.step()
-        return float(loss.detach())
+
+    def _closure_backward(self, loss: torch.Tensor) -> None:
+        """Backward of one pass inside a closure: scaled under AMP (the optimizer unscales each
+        pass itself), else plain backward and :meth:`clip_gradients` of this pass's gradient."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+            self.clip_gradients()
 
     def after_step(self) -> None:
         if self.gamma_scheduler is not None:
@@ -243,18 +257,10 @@ class EntropySGDAlgorithm(Algorithm):
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss(self.model, next_batch(0))
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-                self.clip_gradients()  # each inner step's minibatch gradient
+            self._closure_backward(loss)  # clipping: each inner step's minibatch gradient
             return loss.detach()
 
-        if self.scaler is not None:
-            out = self.optimizer.step(closure, grad_scaler=self.scaler)
-        else:
-            out = self.optimizer.step(closure)
-        return float(out)
+        return float(self.optimizer.step(closure, grad_scaler=self.scaler))
 
 
 class SAMAlgorithm(Algorithm):
@@ -280,18 +286,11 @@ class SAMAlgorithm(Algorithm):
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss(self.model, batch)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-                self.clip_gradients()  # both passes (the first: direction unchanged)
+            self._closure_backward(loss)  # clipping: both passes (the first: direction unchanged)
             first.append(float(loss.detach()))
             return loss.detach()
 
-        if self.scaler is not None:
-            self.optimizer.step(closure, grad_scaler=self.scaler)
-        else:
-            self.optimizer.step(closure)
+        self.optimizer.step(closure, grad_scaler=self.scaler)
         return first[0]  # the loss at w, not at the ascent point
 
 
@@ -321,14 +320,7 @@ class ReplicatedSGDAlgorithm(Algorithm):
             loss = self.loss(replica, next_batch(a))
             total = loss if total is None else total + loss
         assert total is not None
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            total.backward()
-            self.clip_gradients()
-            self.optimizer.step()
+        self._backward_and_step(total)
         return float(total.detach()) / len(self.replicas)
 
     def clip_gradients(self) -> None:
