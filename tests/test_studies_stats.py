@@ -120,3 +120,14 @@ def test_verdict_and_table_labels():
     add_table_tests(rows)
     assert [r["p_t_holm"] for r in rows] == pytest.approx([0.003, 0.8, 0.06])
     assert [r["verdict"] for r in rows] == ["win", "equivalent", "unsettled"]
+
+
+def test_nearly_equal_differences_give_no_warning():
+    import warnings
+
+    from flatminima.studies.stats import paired_test
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = paired_test([0.1389 + 1e-12, 0.1389], [0.1322, 0.1322 - 1e-12])
+    assert 0 <= r["p_t"] <= 1
