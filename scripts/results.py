@@ -203,9 +203,7 @@ def block_fashion_previous(root: Path) -> str:
     """Previous-protocol Fashion-MNIST CNN CPU table, from the committed aggregated CSVs."""
     d = root / "docs/figures/fashion-cnn-cpu"
     res = {(r["budget"], r["optimizer"]): r for r in read_csv(d / "results.csv")}
-    paired = {
-        (r["budget"], r["optimizer"], r["reference"]): r for r in read_csv(d / "paired.csv")
-    }
+    paired = {(r["budget"], r["optimizer"], r["reference"]): r for r in read_csv(d / "paired.csv")}
     sgd12 = read_csv(root / "docs/figures/fashion-cnn-cpu-sgd12/results.csv")[0]
     rows = []
     show = [("grad-evals", o) for o in ("sgd", "esgd", "rsgd", "sam")]
@@ -215,9 +213,13 @@ def block_fashion_previous(root: Path) -> str:
     for b, o in show:
         r = res[(b, o)]
         pr = paired.get((b, o, "sgd"))
-        vs = "" if pr is None else (
-            f"{pp(fnum(pr['diff_test_error']))} +- {pct(fnum(pr['diff_se']))} "
-            f"(t {peq(fnum(pr['p_value']))})"
+        vs = (
+            ""
+            if pr is None
+            else (
+                f"{pp(fnum(pr['diff_test_error']))} +- {pct(fnum(pr['diff_se']))} "
+                f"(t {peq(fnum(pr['p_value']))})"
+            )
         )
         rows.append(_prev_row(label[b] if b != last else "", o, r, vs))
         last = b
@@ -227,8 +229,15 @@ def block_fashion_previous(root: Path) -> str:
         "docs/figures/fashion-cnn-cpu/results.csv, paired.csv, "
         "docs/figures/fashion-cnn-cpu-sgd12/results.csv"
     )
-    head = ["budget", "optimizer", "gradient evals", "test error %", "vs SGD, pp (paired)",
-            "dE(0.3)", "dE(0.5)"]
+    head = [
+        "budget",
+        "optimizer",
+        "gradient evals",
+        "test error %",
+        "vs SGD, pp (paired)",
+        "dE(0.3)",
+        "dE(0.5)",
+    ]
     note = TEMPLATES["prev_note"].format(seeds="/".join(sorted(seeds)), files=files)
     return "\n".join([note, "", *table(head, rows)])
 
@@ -277,14 +286,22 @@ def digits_correlations(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any
     for col, m, s in variants:
         for t in pre["targets"]:
             c = rank_correlation(
-                [r[col] for r in used], [r[t] for r in used],
-                n_boot=grid.get("n_boot", 1000), method=pre["interval"],
+                [r[col] for r in used],
+                [r[t] for r in used],
+                n_boot=grid.get("n_boot", 1000),
+                method=pre["interval"],
             )
             rows.append({"measure": m, "sigma": s, "target": t, **c.to_row()})
     for r, p in zip(rows, holm([r["kendall_p"] for r in rows])):
         r["kendall_p_holm"] = p
-    info = dict(used=used, bad=bad, limit=pre["did_not_train"], n_boot=grid.get("n_boot", 1000),
-                n_measures=len(variants), n_targets=len(pre["targets"]))
+    info = dict(
+        used=used,
+        bad=bad,
+        limit=pre["did_not_train"],
+        n_boot=grid.get("n_boot", 1000),
+        n_measures=len(variants),
+        n_targets=len(pre["targets"]),
+    )
     return rows, info
 
 
@@ -295,15 +312,23 @@ def _variant_name(r: dict[str, Any]) -> str:
 
 def block_digits(root: Path) -> str:
     rows, info = digits_correlations(root)
-    excluded = "; ".join(
-        f"{NAMES[b['optimizer']]} lr {b['lr']:g} batch {int(b['batch_size'])} (training error "
-        f"{pct(b['train_error'], 1)} %, test error {pct(b['test_error'], 1)} %)"
-        for b in info["bad"]
-    ) or "none"
+    excluded = (
+        "; ".join(
+            f"{NAMES[b['optimizer']]} lr {b['lr']:g} batch {int(b['batch_size'])} (training error "
+            f"{pct(b['train_error'], 1)} %, test error {pct(b['test_error'], 1)} %)"
+            for b in info["bad"]
+        )
+        or "none"
+    )
     head = TEMPLATES["digits_head"].format(
-        n_all=len(info["used"]) + len(info["bad"]), n_used=len(info["used"]),
-        limit=info["limit"], excluded=excluded, n_boot=info["n_boot"], m=len(rows),
-        n_measures=info["n_measures"], n_targets=info["n_targets"],
+        n_all=len(info["used"]) + len(info["bad"]),
+        n_used=len(info["used"]),
+        limit=info["limit"],
+        excluded=excluded,
+        n_boot=info["n_boot"],
+        m=len(rows),
+        n_measures=info["n_measures"],
+        n_targets=info["n_targets"],
     )
     by = {(_variant_name(r), r["target"]): r for r in rows}
     names = list(dict.fromkeys(_variant_name(r) for r in rows))
@@ -312,17 +337,29 @@ def block_digits(root: Path) -> str:
         return f"{r['kendall_tau']:+.2f} [{r['tau_ci_low']:+.2f}, {r['tau_ci_high']:+.2f}]"
 
     body = [
-        [n, cell(by[n, "test_error"]), pval(by[n, "test_error"]["kendall_p_holm"]),
-         cell(by[n, "gen_gap"]), pval(by[n, "gen_gap"]["kendall_p_holm"])]
+        [
+            n,
+            cell(by[n, "test_error"]),
+            pval(by[n, "test_error"]["kendall_p_holm"]),
+            cell(by[n, "gen_gap"]),
+            pval(by[n, "gen_gap"]["kendall_p_holm"]),
+        ]
         for n in names
     ]
-    header = ["measure", "tau vs test error [BCa 95 %]", "Holm p", "tau vs gap [BCa 95 %]",
-              "Holm p"]
+    header = [
+        "measure",
+        "tau vs test error [BCa 95 %]",
+        "Holm p",
+        "tau vs gap [BCa 95 %]",
+        "Holm p",
+    ]
     strong = [r for r in rows if r["kendall_p_holm"] < 0.05 and _excludes0(r)]
     neg = [r for r in rows if r["target"] == "test_error" and r["tau_ci_high"] < 0]
     tail = TEMPLATES["digits_tail"].format(
-        m=len(rows), expected=0.05 * len(rows),
-        strong=_variant_list(strong), negative=_variant_list(neg),
+        m=len(rows),
+        expected=0.05 * len(rows),
+        strong=_variant_list(strong),
+        negative=_variant_list(neg),
     )
     return "\n".join([head, "", *table(header, body), "", tail])
 
@@ -345,13 +382,16 @@ def gmm_rows(root: Path, setting: str) -> list[dict[str, Any]]:
     return [dict(r) for r in read_csv(root / "docs/results" / setting / "results.csv")]
 
 
-def _gmm_values(rows: list[dict[str, Any]], est: str, stop: str, alpha: float, key: str,
-                seeds: Sequence[int]) -> list[float]:
+def _gmm_values(
+    rows: list[dict[str, Any]], est: str, stop: str, alpha: float, key: str, seeds: Sequence[int]
+) -> list[float]:
     """Per-seed values (in ``seeds`` order; NaN where missing or collapsed)."""
     got = {
         int(fnum(r["seed"])): fnum(r[key])
         for r in rows
-        if r["estimator"] == est and r["stop"] == stop and fnum(r["alpha"]) == alpha
+        if r["estimator"] == est
+        and r["stop"] == stop
+        and fnum(r["alpha"]) == alpha
         and fnum(r["collapsed"]) != 1.0
     }
     return [got.get(s, math.nan) for s in seeds]
@@ -361,14 +401,22 @@ def _gmm_meta(rows: list[dict[str, Any]]) -> dict[str, Any]:
     r0 = rows[0]
     rho = fnum(r0["rho"])
     return dict(
-        n=int(fnum(r0["n_features"])), delta=fnum(r0["delta"]), rho=rho,
+        n=int(fnum(r0["n_features"])),
+        delta=fnum(r0["delta"]),
+        rho=rho,
         alphas=sorted({fnum(r["alpha"]) for r in rows}),
         seeds=sorted({int(fnum(r["seed"])) for r in rows}),
         ref=("hebbian", "closed") if rho == 0.5 else ("bayes_optimal", "closed"),
-        ref_name=("Hebbian estimator (the finite-N Bayes classifier at rho = 0.5)"
-                  if rho == 0.5 else "finite-N Bayes-optimal classifier"),
-        epochs=max(fnum(r["grad_evals"]) / (fnum(r["alpha"]) * fnum(r["n_features"]))
-                   for r in rows if fnum(r["grad_evals"]) > 0),
+        ref_name=(
+            "Hebbian estimator (the finite-N Bayes classifier at rho = 0.5)"
+            if rho == 0.5
+            else "finite-N Bayes-optimal classifier"
+        ),
+        epochs=max(
+            fnum(r["grad_evals"]) / (fnum(r["alpha"]) * fnum(r["n_features"]))
+            for r in rows
+            if fnum(r["grad_evals"]) > 0
+        ),
     )
 
 
@@ -384,12 +432,22 @@ def _mean_se(vals: Sequence[float]) -> tuple[float, float, int]:
 def gmm_gap_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     alphas, seeds = meta["alphas"], meta["seeds"]
     header = ["estimator", *[f"alpha={a:g}" for a in alphas]]
-    body = [["eps_BO (%)", *[pct(_mean_se(_gmm_values(rows, *meta["ref"], a, "eps_bo", seeds))[0])
-                            for a in alphas]]]
+    body = [
+        [
+            "eps_BO (%)",
+            *[
+                pct(_mean_se(_gmm_values(rows, *meta["ref"], a, "eps_bo", seeds))[0])
+                for a in alphas
+            ],
+        ]
+    ]
     ref_label = "Hebbian" if meta["rho"] == 0.5 else "finite-N Bayes classifier"
-    body.append([f"{ref_label}, eps_g (%)",
-                 *[pct(_mean_se(_gmm_values(rows, *meta["ref"], a, "eps_g", seeds))[0])
-                   for a in alphas]])
+    body.append(
+        [
+            f"{ref_label}, eps_g (%)",
+            *[pct(_mean_se(_gmm_values(rows, *meta["ref"], a, "eps_g", seeds))[0]) for a in alphas],
+        ]
+    )
     if meta["rho"] != 0.5:
         body.append(_gap_row(rows, ("hebbian", "closed"), "Hebbian (no bias)", alphas, seeds))
     for key, lab in GMM_ROWS.items():
@@ -397,8 +455,13 @@ def gmm_gap_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
     return table(header, body)
 
 
-def _gap_row(rows: list[dict[str, Any]], key: tuple[str, str], label: str,
-             alphas: Sequence[float], seeds: Sequence[int]) -> list[str]:
+def _gap_row(
+    rows: list[dict[str, Any]],
+    key: tuple[str, str],
+    label: str,
+    alphas: Sequence[float],
+    seeds: Sequence[int],
+) -> list[str]:
     cells = []
     for a in alphas:
         m, se, n = _mean_se(_gmm_values(rows, *key, a, "gap_bayes", seeds))
@@ -406,31 +469,40 @@ def _gap_row(rows: list[dict[str, Any]], key: tuple[str, str], label: str,
     return [label, *cells]
 
 
-def gmm_paired(rows: list[dict[str, Any]], meta: dict[str, Any], margin: float
-               ) -> list[dict[str, Any]]:
+def gmm_paired(
+    rows: list[dict[str, Any]], meta: dict[str, Any], margin: float
+) -> list[dict[str, Any]]:
     """Paired eps_g tests of :data:`GMM_PAIRS` at every alpha, Holm over the whole table."""
     pairs = []
     for arm, ref in GMM_PAIRS:
         for a in meta["alphas"]:
-            pairs.append((
-                (arm, ref, a),
-                _gmm_values(rows, arm, "val", a, "eps_g", meta["seeds"]),
-                _gmm_values(rows, ref, "val", a, "eps_g", meta["seeds"]),
-            ))
+            pairs.append(
+                (
+                    (arm, ref, a),
+                    _gmm_values(rows, arm, "val", a, "eps_g", meta["seeds"]),
+                    _gmm_values(rows, ref, "val", a, "eps_g", meta["seeds"]),
+                )
+            )
     return paired_table(pairs, margin)
 
 
 def gmm_collapsed(rows: list[dict[str, Any]]) -> str:
+    """The collapsed fits, grouped by (estimator, stop, alpha) with their seeds."""
     bad = [r for r in rows if fnum(r["collapsed"]) == 1.0]
     if not bad:
         return f"none of {len(rows)}"
-    return f"{len(bad)} of {len(rows)} (" + "; ".join(
-        f"{r['estimator']}/{r['stop']} alpha {fnum(r['alpha']):g} seed {r['seed']}" for r in bad
-    ) + ")"
+    groups: dict[tuple[str, str, float], list[int]] = {}
+    for r in bad:
+        key = (r["estimator"], r["stop"], fnum(r["alpha"]))
+        groups.setdefault(key, []).append(int(fnum(r["seed"])))
+    return f"{len(bad)} of {len(rows)}: " + "; ".join(
+        f"{e} ({s}) at alpha {a:g}, seed{'s' if len(v) > 1 else ''} {seed_list(v)}"
+        for (e, s, a), v in groups.items()
+    )
 
-
-def gmm_ranks(rows: list[dict[str, Any]], meta: dict[str, Any], measure: str
-              ) -> dict[float, tuple[int, int]]:
+def gmm_ranks(
+    rows: list[dict[str, Any]], meta: dict[str, Any], measure: str
+) -> dict[float, tuple[int, int]]:
     """Rank (1 = flattest) of the reference estimator among all fits by seed-mean flatness."""
     from flatminima.gmm.ranking import FLATNESS_MEASURES
 
@@ -451,8 +523,13 @@ def block_gmm(root: Path, setting: str, margin: float = 0.003) -> str:
     rows = gmm_rows(root, setting)
     meta = _gmm_meta(rows)
     head = TEMPLATES["gmm_head"].format(
-        n=meta["n"], delta=meta["delta"], rho=meta["rho"], n_seeds=len(meta["seeds"]),
-        seeds=seed_list(meta["seeds"]), epochs=meta["epochs"], ref_name=meta["ref_name"],
+        n=meta["n"],
+        delta=meta["delta"],
+        rho=meta["rho"],
+        n_seeds=len(meta["seeds"]),
+        seeds=seed_list(meta["seeds"]),
+        epochs=meta["epochs"],
+        ref_name=meta["ref_name"],
         collapsed=gmm_collapsed(rows),
     )
     out = [head, "", *gmm_gap_table(rows, meta), ""]
@@ -472,18 +549,25 @@ def block_gmm(root: Path, setting: str, margin: float = 0.003) -> str:
     ref_short = "Hebbian" if meta["rho"] == 0.5 else "Bayes classifier"
     header = ["flatness measure", *[f"alpha={a:g}" for a in meta["alphas"]]]
     body = []
-    for measure, lab in (("sigma_star", "sigma* (matched training error)"),
-                         ("local_energy", "raw local energy, sigma=0.5")):
+    for measure, lab in (
+        ("sigma_star", "sigma* (matched training error)"),
+        ("local_energy", "raw local energy, sigma=0.5"),
+    ):
         taus = kendall_by_alpha(rows, measure, n_boot=1000, seed=0)
         ranks = gmm_ranks(rows, meta, measure)
-        body.append([f"tau, {lab}",
-                     *[f"{t['tau']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]" for t in taus]])
-        body.append([f"{ref_short}'s flatness rank, {lab}",
-                     *[f"{ranks[a][0]} of {ranks[a][1]}" for a in meta["alphas"]]])
+        body.append(
+            [f"tau, {lab}", *[f"{t['tau']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]" for t in taus]]
+        )
+        body.append(
+            [
+                f"{ref_short}'s flatness rank, {lab}",
+                *[f"{ranks[a][0]} of {ranks[a][1]}" for a in meta["alphas"]],
+            ]
+        )
     out.append(
         "Does flatness rank the fits by test error? Kendall tau-b between flatness (larger = "
         "flatter) and eps_g across the fits (estimator x stopping rule, seed means, collapsed "
-        "fits left out), 95 % bootstrap over seeds; and where the "
+        "fits left out), 95 % bootstrap over seeds (1000 resamples); and where the "
         f"{ref_short} falls among them (1 = flattest):"
     )
     out += ["", *table(header, body)]
@@ -495,8 +579,10 @@ def block_gmm_full(root: Path, setting: str, margin: float = 0.003) -> str:
     rows = gmm_rows(root, setting)
     meta = _gmm_meta(rows)
     tests = gmm_paired(rows, meta, margin)
-    body = [[f"{NAMES[r['label'][0]]} - {NAMES[r['label'][1]]}", f"{r['label'][2]:g}",
-             *stats_row(r)] for r in tests]
+    body = [
+        [f"{NAMES[r['label'][0]]} - {NAMES[r['label'][1]]}", f"{r['label'][2]:g}", *stats_row(r)]
+        for r in tests
+    ]
     header = ["comparison", "alpha", *STATS_HEADER]
     return "\n".join(table(header, body))
 
@@ -518,8 +604,9 @@ def block_compare(root: Path, study: str, margin: float | None = None) -> str:
     return "\n".join(out).rstrip("\n")
 
 
-def compare_budget(runs: list[dict[str, str]], comps: list[dict[str, str]], budget: str,
-                   margin: float) -> list[str]:
+def compare_budget(
+    runs: list[dict[str, str]], comps: list[dict[str, str]], budget: str, margin: float
+) -> list[str]:
     """Table rows of one budget (see :func:`block_compare`)."""
     te: dict[str, dict[int, float]] = {}
     flags: dict[str, list[str]] = {}
@@ -534,16 +621,31 @@ def compare_budget(runs: list[dict[str, str]], comps: list[dict[str, str]], budg
     for c in comps:
         a, ref = te.get(c["optimizer"], {}), te.get(c["reference"], {})
         seeds = sorted(set(a) & set(ref))
-        pairs.append(((c["optimizer"], c["reference"]), [a[s] for s in seeds],
-                      [ref[s] for s in seeds]))
+        pairs.append(
+            ((c["optimizer"], c["reference"]), [a[s] for s in seeds], [ref[s] for s in seeds])
+        )
     tests = paired_table(pairs, margin)
-    arms = [["", arm, f"{len(v)}", _arm_cell(list(v.values())),
-             f"{sum(f != 'ok' for f in flags[arm])}/{len(flags[arm])}"] for arm, v in te.items()]
-    out = [f"Budget: {budget}. Test error per arm (mean +- SE over seeds; runs flagged "
-           f"collapsed or diverged / all):", ""]
+    arms = [
+        [
+            "",
+            arm,
+            f"{len(v)}",
+            _arm_cell(list(v.values())),
+            f"{sum(f != 'ok' for f in flags[arm])}/{len(flags[arm])}",
+        ]
+        for arm, v in te.items()
+    ]
+    out = [
+        f"Budget: {budget}. Test error per arm (mean +- SE over seeds; runs flagged "
+        f"collapsed or diverged / all):",
+        "",
+    ]
     out += table(["", "arm", "seeds", "test error %", "flagged"], arms) + [""]
-    out += [f"Paired differences in test error (arm - reference), Holm over these {len(tests)} "
-            f"comparisons, TOST margin {100 * margin:g} pp:", ""]
+    out += [
+        f"Paired differences in test error (arm - reference), Holm over these {len(tests)} "
+        f"comparisons, TOST margin {100 * margin:g} pp:",
+        "",
+    ]
     body = [[a, r, *stats_row(t)] for t in tests for a, r in [t["label"]]]
     return out + table(["arm", "reference", *STATS_HEADER], body) + [""]
 
@@ -596,9 +698,14 @@ def run(root: Path, check: bool) -> int:
             continue
         if check:
             status = 1
-            sys.stdout.writelines(difflib.unified_diff(
-                old.splitlines(True), new.splitlines(True), f"{rel} (committed)",
-                f"{rel} (generated)"))
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    old.splitlines(True),
+                    new.splitlines(True),
+                    f"{rel} (committed)",
+                    f"{rel} (generated)",
+                )
+            )
         else:
             path.write_text(new)
             print(f"updated {rel}")
