@@ -517,6 +517,40 @@ def gmm_ranks(
     return out
 
 
+def gmm_closest(rows: list[dict[str, Any]], meta: dict[str, Any], within: float = 0.005) -> str:
+    """Which validation-stopped dynamical rows of :data:`GMM_ROWS` come within ``within``
+    (mean gap) of the reference, and the smallest mean gap of any of them."""
+    best = (math.inf, "", 0.0)
+    inside = []
+    for (est, stop), label in GMM_ROWS.items():
+        if stop != "val":
+            continue
+        for a in meta["alphas"]:
+            m = _mean_se(_gmm_values(rows, est, stop, a, "gap_bayes", meta["seeds"]))[0]
+            if m < best[0]:
+                best = (m, label, a)
+            if m < within:
+                inside.append(f"{label} at alpha {a:g} ({pp(m)} pp)")
+    return (
+        f"Dynamical estimators with a mean gap below {100 * within:g} pp: "
+        f"{'; '.join(inside) or 'none'}; the smallest mean gap: {pp(best[0])} pp "
+        f"({best[1]}, alpha {best[2]:g})."
+    )
+
+
+def gmm_verdicts(tests: list[dict[str, Any]]) -> str:
+    """One sentence per comparison: the alphas grouped by verdict."""
+    parts = []
+    for arm, ref in GMM_PAIRS:
+        by: dict[str, list[str]] = {}
+        for r in tests:
+            if r["label"][:2] == (arm, ref):
+                by.setdefault(r["verdict"], []).append(f"{r['label'][2]:g}")
+        groups = [f"{v} at alpha {', '.join(a)}" for v, a in by.items()]
+        parts.append(f"{NAMES[arm]} - {NAMES[ref]}: {'; '.join(groups)}")
+    return "Verdicts: " + ". ".join(parts) + "."
+
+
 def block_gmm(root: Path, setting: str, margin: float = 0.003) -> str:
     from flatminima.gmm.ranking import kendall_by_alpha
 
@@ -532,7 +566,7 @@ def block_gmm(root: Path, setting: str, margin: float = 0.003) -> str:
         ref_name=meta["ref_name"],
         collapsed=gmm_collapsed(rows),
     )
-    out = [head, "", *gmm_gap_table(rows, meta), ""]
+    out = [head, "", *gmm_gap_table(rows, meta), "", gmm_closest(rows, meta), ""]
     tests = gmm_paired(rows, meta, margin)
     out.append(
         f"Paired test error (same training set), validation-stopped fits, difference in pp "
@@ -545,7 +579,7 @@ def block_gmm(root: Path, setting: str, margin: float = 0.003) -> str:
     for arm, ref in GMM_PAIRS:
         cells = [verdict_cell(r) for r in tests if r["label"][:2] == (arm, ref)]
         body.append([f"{NAMES[arm]} - {NAMES[ref]}", *cells])
-    out += [*table(header, body), ""]
+    out += [*table(header, body), "", gmm_verdicts(tests), ""]
     ref_short = "Hebbian" if meta["rho"] == 0.5 else "Bayes classifier"
     header = ["flatness measure", *[f"alpha={a:g}" for a in meta["alphas"]]]
     body = []
