@@ -630,12 +630,25 @@ def block_compare(root: Path, study: str, margin: float | None = None) -> str:
     runs = read_csv(d / "runs.csv")
     comps = [r for r in read_csv(d / "paired.csv") if r.get("subset", "all") == "all"]
     if margin is None:
-        margin = fnum(comps[0].get("margin", "")) if comps else math.nan
-        margin = margin if math.isfinite(margin) else 0.003
+        margin = _study_margin(d)
     out = []
     for b in dict.fromkeys(r["budget"] for r in runs):
         out += compare_budget(runs, [c for c in comps if c["budget"] == b], b, margin)
     return "\n".join(out).rstrip("\n")
+
+
+def _study_margin(d: Path) -> float:
+    """The margin fixed in the study (``results.json`` settings), else the default 0.3 pp."""
+    import json
+
+    from flatminima.studies.stats import DEFAULT_MARGIN
+
+    path = d / "results.json"
+    if path.exists():
+        m = fnum(json.loads(path.read_text()).get("settings", {}).get("margin"))
+        if math.isfinite(m):
+            return m
+    return DEFAULT_MARGIN
 
 
 def compare_budget(
