@@ -26,8 +26,10 @@ def test_every_block_in_the_readme_is_generated():
     assert names, "README has no generated results block"
     known = R.blocks(ROOT)
     assert {n for n, _ in names} <= set(known)
-    # the Results section has no number outside its blocks but the table of commands
-    assert "digits" in {n for n, _ in names}
+    # every re-measured study has its block in the Results section
+    results = text[text.index("## Results\n") : text.index("## Benchmarks\n")]
+    for name in ("digits", "gmm-balanced", "gmm-rho0.3", "fashion-cnn-cpu-previous"):
+        assert f"<!-- results:{name} -->" in results, name
 
 
 def _tmp_repo(tmp_path: Path, readme: str) -> Path:
@@ -77,8 +79,16 @@ def _write_runs(path: Path, arms: dict[str, list[float]]) -> None:
         w.writeheader()
         for arm, vals in arms.items():
             for s, v in enumerate(vals):
-                w.writerow(dict(budget="grad-evals", arm=arm, seed=s, status="complete",
-                                test_error=v, flag="ok"))
+                w.writerow(
+                    dict(
+                        budget="grad-evals",
+                        arm=arm,
+                        seed=s,
+                        status="complete",
+                        test_error=v,
+                        flag="ok",
+                    )
+                )
     with open(path / "paired.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, ["budget", "subset", "optimizer", "reference"])
         w.writeheader()
@@ -118,5 +128,9 @@ def test_gmm_values_leave_out_collapsed_and_missing_fits():
 
 def test_formatting():
     assert (R.pct(0.1234), R.pp(-0.0041), R.pval(0.0004), R.pval(0.031)) == (
-        "12.34", "-0.41", "<0.001", "0.031")
+        "12.34",
+        "-0.41",
+        "<0.001",
+        "0.031",
+    )
     assert R.seed_list([0, 1, 2, 3]) == "0-3" and R.seed_list([0, 2]) == "0, 2"
