@@ -150,7 +150,11 @@ def gmm_figure(root: Path, out: Path, settings: list[str]) -> Path:
         )
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error - Bayes classifier's (pp)", fontsize=11)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
+    legend: dict[str, object] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    handles, labels = list(legend.values()), list(legend)
     ncol = 3 if len(settings) > 1 else 2
     fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=10)
     path = out / "gmm_gap_vs_alpha.png"
