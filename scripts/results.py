@@ -6,6 +6,7 @@ Usage::
     python scripts/results.py --check    # exit 1 (and print a diff) when any block differs
     python scripts/results.py --list     # the block names and the files they read
     python scripts/results.py --figures  # also redraw docs/figures/results/*.png (not checked)
+    python scripts/results.py --import-compare runs/small-train small-train  # a finished study
 
 A generated block is the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
 in one of :data:`DOCS`. Every number in it is computed here from CSVs under ``docs/results/`` (or
@@ -643,12 +644,40 @@ def _study_margin(d: Path) -> float:
 
     from flatminima.studies.stats import DEFAULT_MARGIN
 
-    path = d / "results.json"
-    if path.exists():
-        m = fnum(json.loads(path.read_text()).get("settings", {}).get("margin"))
-        if math.isfinite(m):
-            return m
+    for name in ("settings.json", "results.json"):
+        path = d / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            m = fnum(data.get("settings", data).get("margin"))
+            if math.isfinite(m):
+                return m
     return DEFAULT_MARGIN
+
+
+COMPARE_FILES = ("runs.csv", "paired.csv", "results.csv", "flatness_tests.csv")
+
+
+def import_compare(root: Path, run_dir: Path, name: str) -> Path:
+    """Copy a finished ``compare`` output folder's per-seed CSVs to ``docs/results/NAME/`` and
+    its settings (margin, seeds, budgets, tuning choices) to ``settings.json``.
+
+    Raises:
+        SystemExit: a file is missing (the study has not finished).
+    """
+    import json
+    import shutil
+
+    missing = [f for f in (*COMPARE_FILES, "results.json") if not (run_dir / f).exists()]
+    if missing:
+        raise SystemExit(f"{run_dir}: missing {', '.join(missing)} (has the study finished?)")
+    dest = root / "docs/results" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in COMPARE_FILES:
+        shutil.copyfile(run_dir / f, dest / f)
+    full = json.loads((run_dir / "results.json").read_text())
+    keep = {k: full.get(k) for k in ("settings", "configs", "tuning")}
+    (dest / "settings.json").write_text(json.dumps(keep, indent=1, default=str) + "\n")
+    return dest
 
 
 def compare_budget(
@@ -765,7 +794,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the block names")
     ap.add_argument("--figures", action="store_true", help="also redraw docs/figures/results")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root (tests)")
+    ap.add_argument("--import-compare", nargs=2, metavar=("RUN_DIR", "NAME"),
+                    help="copy a finished compare folder's CSVs to docs/results/NAME and exit")
     args = ap.parse_args(argv)
+    if args.import_compare:
+        run_dir, name = args.import_compare
+        dest = import_compare(args.root, Path(run_dir), name)
+        print(f"copied to {dest}; add <!-- results:compare-{name} --> ... to the README")
+        return 0
     if args.list:
         for name in blocks(args.root):
             print(name)

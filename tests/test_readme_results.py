@@ -140,3 +140,20 @@ def test_formatting():
         "0.031",
     )
     assert R.seed_list([0, 1, 2, 3]) == "0-3" and R.seed_list([0, 2]) == "0, 2"
+
+
+def test_import_compare_copies_the_csvs_and_keeps_the_study_margin(tmp_path):
+    run_dir = tmp_path / "runs/toy"
+    sgd = [0.10 + 0.003 * s for s in range(4)]
+    _write_runs(run_dir.parent / "toy", {"sgd": sgd, "sam": [x + 0.001 for x in sgd]})
+    for f in ("results.csv", "flatness_tests.csv"):
+        (run_dir / f).write_text("budget\ngrad-evals\n")
+    (run_dir / "results.json").write_text('{"settings": {"margin": 0.005}, "runs": [1, 2]}')
+    root = tmp_path / "repo"
+    dest = R.import_compare(root, run_dir, "toy")
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*R.COMPARE_FILES, "settings.json"])
+    assert "TOST margin 0.5 pp" in R.block_compare(root, "toy")
+    assert "runs" not in (dest / "settings.json").read_text()  # per-run histories stay out
+    with pytest.raises(SystemExit, match="missing results.json"):
+        (run_dir / "results.json").unlink()
+        R.import_compare(root, run_dir, "toy")
