@@ -501,6 +501,7 @@ def gmm_collapsed(rows: list[dict[str, Any]]) -> str:
         for (e, s, a), v in groups.items()
     )
 
+
 def gmm_ranks(
     rows: list[dict[str, Any]], meta: dict[str, Any], measure: str
 ) -> dict[float, tuple[int, int]]:
@@ -794,8 +795,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the block names")
     ap.add_argument("--figures", action="store_true", help="also redraw docs/figures/results")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root (tests)")
-    ap.add_argument("--import-compare", nargs=2, metavar=("RUN_DIR", "NAME"),
-                    help="copy a finished compare folder's CSVs to docs/results/NAME and exit")
+    ap.add_argument(
+        "--import-compare",
+        nargs=2,
+        metavar=("RUN_DIR", "NAME"),
+        help="copy a finished compare folder's CSVs to docs/results/NAME and exit",
+    )
     args = ap.parse_args(argv)
     if args.import_compare:
         run_dir, name = args.import_compare
