@@ -22,6 +22,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
+from _integration_common import assert_same, esgd  # noqa: E402
 from flatminima.integrations.hf import FlatMinimaTrainer, GammaCallback  # noqa: E402
 from flatminima.optim import SAM, EntropySGD, ReplicatedModule, ReplicatedSGD  # noqa: E402
 from flatminima.optim.schedules import ExponentialGamma  # noqa: E402
@@ -91,28 +92,6 @@ def plain_loop(model, opt, x, y, batch: int = B, after_step=None):
         opt.step()
         if after_step is not None:
             after_step()
-
-
-def assert_same(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-
-
-def esgd(params, **kw):
-    return EntropySGD(
-        params,
-        lr=0.5,
-        momentum=0.9,
-        inner_steps=3,
-        inner_lr=0.1,
-        gamma=0.03,
-        noise=1e-3,
-        seed=0,
-        one_batch_per_step=True,
-        **kw,
-    )
 
 
 def test_esgd_one_batch_per_step_matches_plain_loop(tmp_path):

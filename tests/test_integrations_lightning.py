@@ -17,6 +17,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from _integration_common import assert_same, esgd  # noqa: E402
 from flatminima.integrations import GammaLR  # noqa: E402
 from flatminima.integrations.lightning import CHECKPOINT_KEY, FlatMinimaCallback  # noqa: E402
 from flatminima.optim import (  # noqa: E402
@@ -98,28 +99,6 @@ def fit(module, x, y, batch: int = B, val=None, **kwargs):
     )
     trainer.fit(module, loader, val)
     return trainer
-
-
-def assert_same(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-
-
-def esgd(params, **kw):
-    return EntropySGD(
-        params,
-        lr=0.5,
-        momentum=0.9,
-        inner_steps=3,
-        inner_lr=0.1,
-        gamma=0.03,
-        noise=1e-3,
-        seed=0,
-        one_batch_per_step=True,
-        **kw,
-    )
 
 
 def test_esgd_one_batch_per_step_matches_plain_loop():

@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 import flatminima.integrations._common as common
 import flatminima.integrations.schedulers as schedulers
+from _integration_common import esgd
 from flatminima.integrations import (
     GammaLR,
     check_optimizer,
@@ -20,7 +21,7 @@ from flatminima.integrations import (
     evaluation_weights,
     unwrap_optimizer,
 )
-from flatminima.optim import EntropySGD, ReplicatedModule, ReplicatedSGD
+from flatminima.optim import ReplicatedModule, ReplicatedSGD
 from flatminima.optim.schedules import ExponentialGamma, LinearGamma
 
 
@@ -34,20 +35,6 @@ def batches(n: int, seed: int = 0):
     return [
         (torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)
     ]
-
-
-def esgd(params, one_batch: bool = True):
-    return EntropySGD(
-        params,
-        lr=0.5,
-        momentum=0.9,
-        inner_steps=3,
-        inner_lr=0.1,
-        gamma=0.03,
-        noise=1e-3,
-        seed=0,
-        one_batch_per_step=one_batch,
-    )
 
 
 def test_gamma_lr_is_an_lr_scheduler_that_leaves_lr_alone():
