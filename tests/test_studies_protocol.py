@@ -83,6 +83,10 @@ def test_tune_extends_edges_refuses_weak_selection_and_resumes(tmp_path, monkeyp
     with (out / "trials.csv").open() as fh:
         header = next(csv.reader(fh))
     assert "val_error_se" in header and not [h for h in header if "test" in h]
+    for run in (out / "trials").glob("*/seed*"):  # the trials never evaluated the test set
+        with (run / "metrics.csv").open() as fh:
+            assert not [h for h in next(csv.reader(fh)) if "test" in h], run
+    assert saved["base_config"]["evaluate_test"] is False
     forbid_training(monkeypatch)  # resumable: every trial run is reused
     again = tune(out, optimizer="sgd", grid="lr=1e-6,0.01", preset=p, seeds=[5, 6, 7])
     assert again.chosen == res.chosen
@@ -115,6 +119,7 @@ def test_compare_tunes_every_arm_then_evaluates_with_the_chosen_values(tmp_path)
         t = json.loads((tmp_path / f"tuning/grad-evals/{arm}/tuning.json").read_text())
         assert t["seeds"] == [2, 3, 4] and t["n_planned"] == 2  # after the evaluation seeds
         assert res.configs["grad-evals"][arm] | t["chosen"] == res.configs["grad-evals"][arm]
+        assert res.configs["grad-evals"][arm].get("evaluate_test", True)  # evaluation runs do
     report = (tmp_path / "report.md").read_text()
     assert "## Tuning" in report and "tied" in report and "p_perm_holm" in report
     (row,) = [r for r in res.paired if r["subset"] == "all"]

@@ -275,6 +275,22 @@ def test_rsgd_reports_centre_replicas_and_ensemble(tmp_path):
         assert 0 <= final[key] <= 1 and math.isfinite(final[key])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rsgd"])
+def test_without_test_evaluation_the_run_is_the_same_but_never_reads_the_test_set(
+    tmp_path, optimizer
+):
+    kw = dict(optimizer=optimizer, val_size=0.2, gamma=0.01, epochs=2)
+    full = train(small_cfg(**kw), tmp_path / "full")
+    blind = train(small_cfg(**kw, evaluate_test=False), tmp_path / "blind")
+    with_test, without = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "blind")
+    assert not [k for k in without[0] if "test" in k]
+    assert [{k: v for k, v in r.items() if "test" not in k} for r in with_test] == without
+    assert math.isnan(blind["early_stopped"]["test_error"])
+    assert blind["early_stopped"]["val_error"] == full["early_stopped"]["val_error"]
+    with pytest.raises(ValueError, match="evaluate_test=False needs a validation split"):
+        small_cfg(evaluate_test=False)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -299,6 +315,14 @@ def test_cli_train_runs_and_prints_result(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0 and "test error" in out and "run folder" in out
+    rc = main(
+        ["train", "--data", "gmm", "--model", "mlp", "--model-kwargs", "hidden=8", "--epochs",
+         "1", "--no-progress", "--val-size", "0.2", "--no-evaluate-test",
+         "--out", str(tmp_path / "v")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "validation error" in out and "test error" not in out
+    assert "test_error" not in out and "test_loss" not in out
 
 
 def test_cli_unknown_names_list_valid_ones(capsys):

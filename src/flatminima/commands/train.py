@@ -77,6 +77,8 @@ _HELP = {
     # evaluation
     "eval_points": "evaluations (metrics rows, checkpoints) over the run; 0: every epoch",
     "train_eval_samples": "training error measured on this many samples (0: all)",
+    "evaluate_test": "evaluate the test set (--no-evaluate-test: validation split only, "
+    "as in tuning trials)",
     "eval_batch_size": "batch size of evaluation passes (does not change the numbers)",
     # run
     "seed": "random seed, a whole number in [0, 2^32 - 1]",
@@ -243,8 +245,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(format_table([final], cols))
     label = "centre of the replicas" if REGISTRY[cfg.optimizer].needs_replicas else "model"
+    key, held_out = ("test_error", "test") if cfg.evaluate_test else ("val_error", "validation")
     print(
-        f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: test error {final['test_error']:.2%} "
+        f"\n{cfg.optimizer} on {cfg.data}/{cfg.model}: {held_out} error {final[key]:.2%} "
         f"({label}), {summary['samples']:,} samples through backward "
         f"[budget: {cfg.epochs:g} epochs, {cfg.budget}]"
     )

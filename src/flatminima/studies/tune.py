@@ -25,7 +25,8 @@ error ``se`` is ``std(ddof 1) / sqrt(n_seeds)`` with two or more seeds, else the
 chosen. **Selection rule**: the best trial has the lowest score; every trial whose score is
 within one SE of the best (``score <= best + se_best``) is *tied*; the chosen trial is the tied
 trial with the lowest mean validation loss (a smoother score than the 0/1 error), then the
-earlier trial. Test metrics are never read.
+earlier trial. Trial runs never evaluate the test set (``evaluate_test=False``): no test
+number exists that could leak into a decision, and a trial costs less.
 
 Selection must mean something: at least 3 tuning seeds or at least 5000 validation images
 (:data:`MIN_SEEDS`, :data:`MIN_VAL`); otherwise a ``ValueError`` unless ``allow_weak=True``
@@ -482,6 +483,7 @@ def tune_arm(
             "(e.g. --val-size 0.1); the test set is never used for selection"
         )
     check_search_keys(space, base.optimizer)
+    base = base.replace(evaluate_test=False)  # trials never evaluate the test set
     splits = DataCache().get(base.replace(seed=seeds[0]))
     n_val = len(splits.val) if splits.val is not None else 0
     weak = check_selection(len(seeds), n_val, allow_weak)

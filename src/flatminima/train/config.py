@@ -98,6 +98,8 @@ class TrainConfig:
     # evaluation
     eval_points: int = 0  # evaluations (metrics rows, checkpoints) over the run; 0: every epoch
     train_eval_samples: int = 10000  # training error measured on this many samples (0: all)
+    # False: the test set is never evaluated (tuning trials: only the validation split is read)
+    evaluate_test: bool = True
     eval_batch_size: int = 256
     # run
     seed: int = 0
@@ -195,6 +197,11 @@ class TrainConfig:
                 f"(max {_FLOAT32_MAX:.3g}); valid: a smaller gamma or gamma_growth, or a gamma_max"
             )
         self._validate_grad_clip()
+        if not self.evaluate_test and self.val_size <= 0:
+            raise ConfigError(
+                "evaluate_test=False needs a validation split (val_size > 0, e.g. 0.1): "
+                "otherwise the run measures nothing held out"
+            )
 
     def _validate_grad_clip(self) -> None:
         """``grad_clip`` is not supported with ``amp="fp16"``."""

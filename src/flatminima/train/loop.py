@@ -451,7 +451,7 @@ class Trainer:
         row: dict[str, float] = {}
         for i, (name, model) in enumerate(models.items()):
             prefix = "" if i == 0 else f"{name}_"
-            if i == 0 or name.startswith("replica"):
+            if cfg.evaluate_test and (i == 0 or name.startswith("replica")):
                 row[prefix + "test_loss"], row[prefix + "test_error"] = evaluate(
                     model, self.data.test, batch_size=bs
                 )
@@ -464,7 +464,7 @@ class Trainer:
                         model, self.data.val, batch_size=bs
                     )
         members = self.algo.ensemble_members()
-        if members:
+        if members and cfg.evaluate_test:
             row["replica_mean_test_error"] = sum(
                 row[f"replica{a}_test_error"] for a in range(len(members))
             ) / len(members)
@@ -758,7 +758,7 @@ class Trainer:
             summary["early_stopped"] = {
                 "eval_point": best["eval_point"],
                 "val_error": best["val_error"],
-                "test_error": best["test_error"],
+                "test_error": best.get("test_error", math.nan),
             }
         layout = self.sync.layout()
         if layout is not None:
