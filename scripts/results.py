@@ -636,7 +636,62 @@ def block_compare(root: Path, study: str, margin: float | None = None) -> str:
     out = []
     for b in dict.fromkeys(r["budget"] for r in runs):
         out += compare_budget(runs, [c for c in comps if c["budget"] == b], b, margin)
+    if (d / FLATNESS_FILE).exists() and (d / "flatness_tests.csv").exists():
+        out += compare_flatness(d, margin)
     return "\n".join(out).rstrip("\n")
+
+
+def compare_flatness(d: Path, margin: float) -> list[str]:
+    """Paired local-energy tables: per budget, one row per (arm, reference, against) and one
+    column per sigma, ``mean difference in pp (Holm sign-flip p)`` as the study's
+    ``flatness_tests.csv`` gives them. The rows on the final networks are recomputed from the
+    per-seed ``flatness.csv`` first (mean and raw sign-flip p); any difference is an error."""
+    from flatminima.studies.stats import paired_test
+
+    dE: dict[tuple[str, str, float], dict[int, float]] = {}
+    for r in read_csv(d / FLATNESS_FILE):
+        key = (r["budget"], r["arm"], fnum(r["sigma"]))
+        dE.setdefault(key, {})[int(fnum(r["seed"]))] = fnum(r["local_energy_error"])
+    tests = read_csv(d / "flatness_tests.csv")
+    for t in tests:
+        if t["against"] != "final":
+            continue
+        sig = fnum(t["sigma"])
+        a, ref = dE[(t["budget"], t["optimizer"], sig)], dE[(t["budget"], t["reference"], sig)]
+        seeds = sorted(set(a) & set(ref))
+        got = paired_test([a[s] for s in seeds], [ref[s] for s in seeds], margin=margin)
+        if not (
+            math.isclose(got["mean"], fnum(t["mean"]), abs_tol=1e-12)
+            and math.isclose(got["p_perm"], fnum(t["p_perm"]), abs_tol=1e-12)
+        ):
+            raise SystemExit(
+                f"{d}/flatness_tests.csv: {t['budget']} {t['optimizer']} - {t['reference']} at "
+                f"sigma {sig:g} does not recompute from {FLATNESS_FILE}"
+            )
+    out = []
+    for b in dict.fromkeys(t["budget"] for t in tests):
+        rows = [t for t in tests if t["budget"] == b]
+        sigmas = sorted({fnum(t["sigma"]) for t in rows})
+        cells: dict[tuple[str, str, str], dict[float, str]] = {}
+        for t in rows:
+            cell = f"{pp(fnum(t['mean']))} ({pval(fnum(t['p_perm_holm']))})"
+            cells.setdefault((t["optimizer"], t["reference"], t["against"]), {})[
+                fnum(t["sigma"])
+            ] = cell
+        out += [
+            f"Budget: {b}. Paired local energy dE(sigma) (arm - reference; negative = flatter), "
+            "pp of training error, with the Holm-adjusted sign-flip p of the study's "
+            "flatness table; *matched* compares with SGD at its evaluation point of closest "
+            "training error:",
+            "",
+        ]
+        body = [
+            [a, ref, "final" if ag == "final" else "matched", *(c.get(s, "") for s in sigmas)]
+            for (a, ref, ag), c in cells.items()
+        ]
+        out += table(["arm", "reference", "networks", *(f"sigma {s:g}" for s in sigmas)], body)
+        out += [""]
+    return out
 
 
 def _study_margin(d: Path) -> float:
@@ -656,6 +711,7 @@ def _study_margin(d: Path) -> float:
 
 
 COMPARE_FILES = ("runs.csv", "paired.csv", "results.csv", "flatness_tests.csv")
+FLATNESS_FILE = "flatness.csv"  # per-seed local energy, written from results.json on import
 
 
 def import_compare(root: Path, run_dir: Path, name: str) -> Path:
@@ -678,6 +734,23 @@ def import_compare(root: Path, run_dir: Path, name: str) -> Path:
     full = json.loads((run_dir / "results.json").read_text())
     keep = {k: full.get(k) for k in ("settings", "configs", "tuning")}
     (dest / "settings.json").write_text(json.dumps(keep, indent=1, default=str) + "\n")
+    rows = [
+        {
+            "budget": r["budget"],
+            "arm": r["arm"],
+            "seed": r["seed"],
+            "sigma": s,
+            "local_energy_error": e,
+        }
+        for r in full.get("runs", [])
+        if isinstance(r, dict)
+        for s, e in zip(r.get("local_energy_sigmas") or [], r.get("local_energy_error") or [])
+    ]
+    if rows:
+        with (dest / FLATNESS_FILE).open("w", newline="") as fh:
+            w = csv.DictWriter(fh, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     return dest
 
 
@@ -704,7 +777,6 @@ def compare_budget(
     tests = paired_table(pairs, margin)
     arms = [
         [
-            "",
             arm,
             f"{len(v)}",
             _arm_cell(list(v.values())),
@@ -717,7 +789,7 @@ def compare_budget(
         f"collapsed or diverged / all):",
         "",
     ]
-    out += table(["", "arm", "seeds", "test error %", "flagged"], arms) + [""]
+    out += table(["arm", "seeds", "test error %", "flagged"], arms) + [""]
     out += [
         f"Paired differences in test error (arm - reference), Holm over these {len(tests)} "
         f"comparisons, TOST margin {100 * margin:g} pp:",

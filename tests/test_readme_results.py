@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -123,6 +124,40 @@ def test_compare_block_pairs_by_seed_and_labels_verdicts(tmp_path):
     assert "| rsgd | 10 | 12.35 +- " in text  # mean over seeds of 0.1 + 0.003 s + 0.01
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_compare_flatness_rows_recompute_from_the_per_seed_local_energy(tmp_path):
+    """SAM's dE(0.1) is SGD's minus 1 pp on all 10 seeds: mean -1.00 pp, raw sign-flip p
+    2/1024; the block shows the study's Holm p, and a study row that does not recompute from
+    the per-seed file is refused."""
+    d = tmp_path / "docs/results/toy"
+    sgd = [0.10 + 0.003 * s for s in range(10)]
+    _write_runs(d, {"sgd": sgd, "sam": sgd})
+    de = {"sgd": [0.05 + 0.001 * s for s in range(10)]}
+    de["sam"] = [x - 0.01 for x in de["sgd"]]
+    _write_csv(
+        d / "flatness.csv",
+        [
+            dict(budget="grad-evals", arm=a, seed=s, sigma=0.1, local_energy_error=v)
+            for a, vals in de.items()
+            for s, v in enumerate(vals)
+        ],
+    )
+    row = dict(budget="grad-evals", optimizer="sam", reference="sgd", against="final",
+               sigma=0.1, mean=-0.01, p_perm=2 / 1024, p_perm_holm=0.0039)  # fmt: skip
+    _write_csv(d / "flatness_tests.csv", [row])
+    text = R.block_compare(tmp_path, "toy", margin=0.003)
+    assert "| sam | sgd | final | -1.00 (0.0039) |" in text
+    _write_csv(d / "flatness_tests.csv", [{**row, "mean": -0.02}])
+    with pytest.raises(SystemExit, match="does not recompute"):
+        R.block_compare(tmp_path, "toy", margin=0.003)
+
+
 def test_gmm_values_leave_out_collapsed_and_missing_fits():
     rows = [
         dict(estimator="sgd_loss", stop="val", alpha="1.0", seed="0", eps_g="0.2", collapsed="0"),
@@ -146,12 +181,25 @@ def test_import_compare_copies_the_csvs_and_keeps_the_study_margin(tmp_path):
     run_dir = tmp_path / "runs/toy"
     sgd = [0.10 + 0.003 * s for s in range(4)]
     _write_runs(run_dir.parent / "toy", {"sgd": sgd, "sam": [x + 0.001 for x in sgd]})
-    for f in ("results.csv", "flatness_tests.csv"):
-        (run_dir / f).write_text("budget\ngrad-evals\n")
-    (run_dir / "results.json").write_text('{"settings": {"margin": 0.005}, "runs": [1, 2]}')
+    (run_dir / "results.csv").write_text("budget\ngrad-evals\n")
+    (run_dir / "flatness_tests.csv").write_text(
+        "budget,optimizer,reference,against,sigma,mean,p_perm,p_perm_holm\n"
+    )
+    run = dict(budget="grad-evals", arm="sam", seed=3, local_energy_sigmas=[0.1, 0.5],
+               local_energy_error=[0.02, 0.2])  # fmt: skip
+    (run_dir / "results.json").write_text(
+        json.dumps({"settings": {"margin": 0.005}, "runs": [run]})
+    )
     root = tmp_path / "repo"
     dest = R.import_compare(root, run_dir, "toy")
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*R.COMPARE_FILES, "settings.json"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        [*R.COMPARE_FILES, "settings.json", R.FLATNESS_FILE]
+    )
+    per_seed = R.read_csv(dest / R.FLATNESS_FILE)
+    assert [(r["seed"], r["sigma"], r["local_energy_error"]) for r in per_seed] == [
+        ("3", "0.1", "0.02"),
+        ("3", "0.5", "0.2"),
+    ]
     assert "TOST margin 0.5 pp" in R.block_compare(root, "toy")
     assert "runs" not in (dest / "settings.json").read_text()  # per-run histories stay out
     with pytest.raises(SystemExit, match="missing results.json"):
