@@ -1,7 +1,8 @@
 """Figures of the README's Results section, drawn from the committed CSVs (docs/results/).
 
 Usage: ``python scripts/results.py --figures`` (or ``python scripts/results_figures.py``).
-Writes ``docs/figures/results/*.png``. One colour per optimizer everywhere (the colour of the
+Writes ``docs/figures/results/*.png`` (``compare_NAME.png`` for every committed compare study
+with a ``paired.csv``). One colour per optimizer everywhere (the colour of the
 optimizer registry, ``flatminima.optim.registry.REGISTRY[name].color``); networks excluded by
 the pre-registered rule are drawn as grey crosses and labelled, never hidden.
 """
@@ -164,6 +165,67 @@ def gmm_figure(root: Path, out: Path, settings: list[str]) -> Path:
     return path
 
 
+def compare_figure(root: Path, out: Path, study: str) -> Path:
+    """Per-seed paired differences in test error of a fair-protocol compare study, one panel
+    per budget, one row per comparison of its ``paired.csv``: dots are seeds in the arm's
+    colour (a run flagged collapsed or diverged: grey cross), the bar the mean and its 95 %
+    interval, the band the equivalence margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import results as R
+
+    from flatminima.optim.registry import REGISTRY
+    from flatminima.studies.stats import paired_test
+
+    d = root / "docs/results" / study
+    runs = R.read_csv(d / "runs.csv")
+    comps = [c for c in R.read_csv(d / "paired.csv") if c.get("subset", "all") == "all"]
+    margin = R._study_margin(d)
+    by = {(r["budget"], r["arm"], int(R.fnum(r["seed"]))): r for r in runs}
+    budgets = list(dict.fromkeys(c["budget"] for c in comps))
+    n_rows = max(sum(c["budget"] == b for c in comps) for b in budgets)
+    fig, axes = plt.subplots(
+        1, len(budgets), figsize=(10, 1.0 + 0.42 * n_rows), constrained_layout=True, squeeze=False
+    )
+    for ax, b in zip(axes[0], budgets):
+        rows = [c for c in comps if c["budget"] == b]
+        for y, c in enumerate(reversed(rows)):
+            seeds = sorted(s for (bb, a, s) in by if bb == b and a == c["optimizer"])
+            pairs = [(by[(b, c["optimizer"], s)], by.get((b, c["reference"], s))) for s in seeds]
+            pairs = [(a, r) for a, r in pairs if r is not None]
+            diff = [100 * (R.fnum(a["test_error"]) - R.fnum(r["test_error"])) for a, r in pairs]
+            flagged = [a.get("flag", "ok") != "ok" or r.get("flag", "ok") != "ok" for a, r in pairs]
+            color = (
+                REGISTRY[pairs[0][0].get("optimizer", c["optimizer"])].color if pairs else "grey"
+            )
+            ok = [x for x, f in zip(diff, flagged) if not f]
+            ax.scatter(ok, [y] * len(ok), s=14, color=color, alpha=0.7, zorder=3)
+            bad = [x for x, f in zip(diff, flagged) if f]
+            ax.scatter(bad, [y] * len(bad), marker="x", color="grey", zorder=3)
+            t = paired_test(
+                [R.fnum(a["test_error"]) for a, _ in pairs],
+                [R.fnum(r["test_error"]) for _, r in pairs],
+                margin=margin,
+            )
+            ax.errorbar(
+                100 * t["mean"], y + 0.25, xerr=[[100 * (t["mean"] - t["ci_low"])],
+                [100 * (t["ci_high"] - t["mean"])]], fmt="s", color=color, ms=5, capsize=3,
+            )  # fmt: skip
+        labels = [f"{c['optimizer']} − {c['reference']}" for c in reversed(rows)]
+        ax.set_yticks(range(len(rows)), labels)
+        ax.axvspan(-100 * margin, 100 * margin, color="0.9", zorder=0)
+        ax.axvline(0, color="0.4", lw=0.8)
+        ax.set_xlabel("Δ test error, pp")
+        ax.set_title(f"{study}: {b}", fontsize=10)
+    path = out / f"compare_{study}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(root: Path = ROOT) -> None:
     import results as R
 
@@ -172,6 +234,8 @@ def main(root: Path = ROOT) -> None:
     settings = [s for s in R.GMM_SETTINGS if (root / "docs/results" / s / "results.csv").exists()]
     if settings:
         print(f"wrote {gmm_figure(root, out, settings)}")
+    for runs in sorted((root / "docs/results").glob("*/paired.csv")):
+        print(f"wrote {compare_figure(root, out, runs.parent.name)}")
 
 
 if __name__ == "__main__":

@@ -205,3 +205,12 @@ def test_import_compare_copies_the_csvs_and_keeps_the_study_margin(tmp_path):
     with pytest.raises(SystemExit, match="missing results.json"):
         (run_dir / "results.json").unlink()
         R.import_compare(root, run_dir, "toy")
+
+
+def test_compare_figure_draws_every_comparison(tmp_path):
+    import results_figures as F
+
+    sgd = [0.10 + 0.003 * s for s in range(6)]
+    _write_runs(tmp_path / "docs/results/toy", {"sgd": sgd, "sam": [x - 0.002 for x in sgd]})
+    path = F.compare_figure(tmp_path, tmp_path / "fig", "toy")
+    assert path.name == "compare_toy.png" and path.stat().st_size > 5000
