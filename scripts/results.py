@@ -630,12 +630,15 @@ def block_compare(root: Path, study: str, margin: float | None = None) -> str:
     ``paired.csv`` recomputed from the per-seed values (Holm over one budget's table)."""
     d = root / "docs/results" / study
     runs = read_csv(d / "runs.csv")
-    comps = [r for r in read_csv(d / "paired.csv") if r.get("subset", "all") == "all"]
+    paired = read_csv(d / "paired.csv")
     if margin is None:
         margin = _study_margin(d)
     out = []
     for b in dict.fromkeys(r["budget"] for r in runs):
-        out += compare_budget(runs, [c for c in comps if c["budget"] == b], b, margin)
+        for subset, key in (("all", "test_error"), ("early-stopped", "early_stopped_test_error")):
+            comps = [c for c in paired if c["budget"] == b and c.get("subset", "all") == subset]
+            if comps:
+                out += compare_budget(runs, comps, b, margin, key)
     if (d / FLATNESS_FILE).exists() and (d / "flatness_tests.csv").exists():
         out += compare_flatness(d, margin)
     return "\n".join(out).rstrip("\n")
@@ -755,16 +758,23 @@ def import_compare(root: Path, run_dir: Path, name: str) -> Path:
 
 
 def compare_budget(
-    runs: list[dict[str, str]], comps: list[dict[str, str]], budget: str, margin: float
+    runs: list[dict[str, str]],
+    comps: list[dict[str, str]],
+    budget: str,
+    margin: float,
+    key: str = "test_error",
 ) -> list[str]:
-    """Table rows of one budget (see :func:`block_compare`)."""
+    """Table rows of one budget (see :func:`block_compare`): the final networks
+    (``key="test_error"``) or the early-stopped ones (``"early_stopped_test_error"``, each
+    run's network at its evaluation point of lowest validation error, tested as a family of
+    its own)."""
     te: dict[str, dict[int, float]] = {}
     flags: dict[str, list[str]] = {}
     for r in runs:
         if r["budget"] != budget:
             continue
         ok = r.get("status", "complete") == "complete"
-        val = fnum(r["test_error"]) if ok else math.nan
+        val = fnum(r[key]) if ok else math.nan
         te.setdefault(r["arm"], {})[int(fnum(r["seed"]))] = val
         flags.setdefault(r["arm"], []).append(r.get("flag", "ok") or "ok")
     pairs = []
@@ -784,8 +794,14 @@ def compare_budget(
         ]
         for arm, v in te.items()
     ]
+    what = (
+        "Test error per arm"
+        if key == "test_error"
+        else "Early stopping on the validation split: test error of every run's network at "
+        "its evaluation point of lowest validation error, per arm"
+    )
     out = [
-        f"Budget: {budget}. Test error per arm (mean +- SE over seeds; runs flagged "
+        f"Budget: {budget}. {what} (mean +- SE over seeds; runs flagged "
         f"collapsed or diverged / all):",
         "",
     ]

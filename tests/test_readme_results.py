@@ -79,10 +79,13 @@ def test_digits_block_matches_the_study_own_correlations():
     assert [b["optimizer"] for b in info["bad"]] == ["esgd"]
 
 
-def _write_runs(path: Path, arms: dict[str, list[float]]) -> None:
+def _write_runs(
+    path: Path, arms: dict[str, list[float]], early: dict[str, list[float]] | None = None
+) -> None:
     path.mkdir(parents=True)
     with open(path / "runs.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["budget", "arm", "seed", "status", "test_error", "flag"])
+        cols = ["budget", "arm", "seed", "status", "test_error", "early_stopped_test_error"]
+        w = csv.DictWriter(fh, [*cols, "flag"])
         w.writeheader()
         for arm, vals in arms.items():
             for s, v in enumerate(vals):
@@ -93,15 +96,19 @@ def _write_runs(path: Path, arms: dict[str, list[float]]) -> None:
                         seed=s,
                         status="complete",
                         test_error=v,
+                        early_stopped_test_error=early[arm][s] if early else "",
                         flag="ok",
                     )
                 )
     with open(path / "paired.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, ["budget", "subset", "optimizer", "reference"])
         w.writeheader()
-        for arm in arms:
-            if arm != "sgd":
-                w.writerow(dict(budget="grad-evals", subset="all", optimizer=arm, reference="sgd"))
+        for subset in ("all", "early-stopped") if early else ("all",):
+            for arm in arms:
+                if arm != "sgd":
+                    w.writerow(
+                        dict(budget="grad-evals", subset=subset, optimizer=arm, reference="sgd")
+                    )
 
 
 def test_compare_block_pairs_by_seed_and_labels_verdicts(tmp_path):
@@ -122,6 +129,23 @@ def test_compare_block_pairs_by_seed_and_labels_verdicts(tmp_path):
     assert "0.002 /" in rsgd  # 2 / 1024 = 0.00195 raw sign-flip p
     assert "| 10 | +0.00 [" in sam and sam.endswith("| equivalent |")
     assert "| rsgd | 10 | 12.35 +- " in text  # mean over seeds of 0.1 + 0.003 s + 0.01
+
+
+def test_compare_block_renders_the_early_stopped_family_from_its_own_column(tmp_path):
+    """Final networks: rSGD = SGD + 1 pp (loss); early-stopped networks: rSGD = SGD - 1 pp on
+    every seed (win). Both families are rendered, each from its own per-seed column."""
+    sgd = [0.10 + 0.003 * s for s in range(10)]
+    wiggle = [0.0005 * (-1) ** s for s in range(10)]
+    arms = {"sgd": sgd, "rsgd": [x + 0.01 + w for x, w in zip(sgd, wiggle)]}
+    early = {"sgd": sgd, "rsgd": [x - 0.01 + w for x, w in zip(sgd, wiggle)]}
+    _write_runs(tmp_path / "docs/results/toy", arms, early)
+    text = R.block_compare(tmp_path, "toy", margin=0.003)
+    final, stopped = [ln for ln in text.splitlines() if ln.startswith("| rsgd | sgd")]
+    assert "| +1.00 [" in final and final.endswith("| loss |")
+    assert "| -1.00 [" in stopped and stopped.endswith("| win |")
+    assert "lowest validation error" in text and "| rsgd | 10 | 10.35 +- " in text
+    _write_runs(tmp_path / "docs/results/plain", arms)  # no early-stopped family: one table
+    assert "lowest validation error" not in R.block_compare(tmp_path, "plain", margin=0.003)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -174,7 +174,7 @@ def test_compare_end_to_end_report_and_resume(tmp_path, monkeypatch, capsys):
         for a in ("sgd", "esgd")
     }
     rows = {r["optimizer"]: r for r in res.table}
-    assert set(rows) == {"sgd", "esgd", "sgd (early-stopped)"}
+    assert set(rows) == {"sgd", "esgd", "sgd (early-stopped)", "esgd (early-stopped)"}
     assert rows["esgd"]["test_error"] == pytest.approx(np.mean(err["esgd"]))
     assert rows["esgd"]["test_error_std"] == pytest.approx(np.std(err["esgd"], ddof=1))
     es = [

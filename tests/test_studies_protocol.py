@@ -148,7 +148,7 @@ def test_collapsed_run_is_flagged_and_controls_are_generated(tmp_path):
         flags = {(r["arm"], r["seed"]): r["flag"] for r in csv.DictReader(fh)}
     assert flags[("sam", "0")] == "collapsed" and flags[("sgd", "0")] == "ok"
     assert "collapsed" in (tmp_path / "report.md").read_text()
-    assert {r["subset"] for r in res.paired} == {"all", "without collapsed"}
+    assert {r["subset"] for r in res.paired} == {"all", "without collapsed", "early-stopped"}
     # compute-matched SGD for every multi-pass arm, the large-batch control for rSGD
     evals = {r["optimizer"]: r["samples"] for r in res.table if r.get("samples")}
     assert evals[control_label("rsgd")] == evals["rsgd"] == 2 * evals["sgd"]
@@ -157,6 +157,87 @@ def test_collapsed_run_is_flagged_and_controls_are_generated(tmp_path):
     refs = {(r["optimizer"], r["reference"]) for r in res.paired}
     assert ("rsgd", control_label("rsgd")) in refs and ("rsgd", "sgd-large-batch") in refs
     assert {r["against"] for r in res.flatness_tests} == {"final", "matched train error"}
+
+
+def test_early_stopped_networks_form_their_own_family_of_tests(tmp_path):
+    preset = Preset.from_dict({"common": {**DIGITS, "epochs": 3}, "rsgd": {"num_replicas": 2}})
+    res = compare(
+        tmp_path,
+        preset=preset,
+        optimizers=["sgd", "rsgd"],
+        seeds=3,
+        budget="epochs",
+        sigmas=[0.5],
+        flatness_draws=1,
+        flatness_samples=100,
+    )
+    labels = ["sgd", "rsgd", control_label("rsgd"), "sgd-large-batch"]
+
+    def early(label):  # an independent reading of the run folders
+        return [
+            json.loads((tmp_path / "runs/epochs" / label / f"seed{s}/summary.json").read_text())[
+                "early_stopped"
+            ]["test_error"]
+            for s in range(3)
+        ]
+
+    rows = {r["optimizer"]: r for r in res.table}
+    for label in labels:
+        assert rows[f"{label} (early-stopped)"]["test_error"] == pytest.approx(
+            sum(early(label)) / 3
+        )
+    fam = [r for r in res.paired if r["subset"] == "early-stopped"]
+    assert {(r["optimizer"], r["reference"]) for r in fam} == {
+        (r["optimizer"], r["reference"]) for r in res.paired if r["subset"] == "all"
+    }
+    (row,) = [r for r in fam if r["reference"] == control_label("rsgd")]
+    d = [a - b for a, b in zip(early("rsgd"), early(control_label("rsgd")))]
+    assert row["mean"] == pytest.approx(sum(d) / 3)
+    # Holm within the family: the smallest p is multiplied by the family's size, not more
+    first = min(fam, key=lambda r: r["p_t"])
+    assert first["p_t_holm"] == pytest.approx(min(1.0, len(fam) * first["p_t"]))
+    assert "lowest validation error" in (tmp_path / "report.md").read_text()
+    # without a validation split there is no early-stopped row or family
+    plain = compare(
+        tmp_path / "plain",
+        preset=Preset.from_dict({"common": {**DIGITS, "epochs": 1, "val_size": 0}}),
+        optimizers=["sgd", "sam"],
+        seeds=2,
+        sigmas=[0.5],
+        flatness_draws=1,
+        flatness_samples=100,
+    )
+    assert not [r for r in plain.table if "early-stopped" in r["optimizer"]]
+    assert {r["subset"] for r in plain.paired} == {"all"}
+
+
+def test_a_preset_large_batch_arm_keeps_its_own_tuned_values(tmp_path):
+    preset = Preset.from_dict(
+        {
+            "study": {
+                "tuning": {
+                    "seeds": 3,
+                    "max_extend": 0,
+                    "space": {"sgd": {"lr": [0.02, 0.05]}, "sgd-large-batch": {"lr": [0.3, 0.6]}},
+                }
+            },
+            "common": {**DIGITS, "epochs": 1},
+            "sgd-large-batch": {"optimizer": "sgd", "batch_size": 128},
+        }
+    )
+    res = compare(
+        tmp_path,
+        preset=preset,
+        optimizers=["sgd", "sgd-large-batch"],
+        seeds=1,
+        sigmas=[0.5],
+        flatness_draws=1,
+        flatness_samples=100,
+    )
+    cfg = res.configs["grad-evals"]["sgd-large-batch"]
+    chosen = json.loads((tmp_path / "tuning/grad-evals/sgd-large-batch/tuning.json").read_text())
+    assert cfg["lr"] == chosen["chosen"]["lr"] in (0.3, 0.6)
+    assert cfg["batch_size"] == 128 and res.configs["grad-evals"]["sgd"]["lr"] in (0.02, 0.05)
 
 
 def test_matched_training_error_rule():

@@ -19,7 +19,12 @@ of :func:`compare` runs five stages, each a function:
 * **budget**: ``"grad-evals"`` (equal gradient evaluations) or ``"epochs"`` (equal epochs per
   replica, the paper's setting), always labelled; ``"both"`` runs both. At equal epochs every
   multi-pass arm gets SGD with the same gradient evaluations (``sgd-compute-ARM``) and rSGD the
-  large-batch control; with a validation split, early-stopped SGD is its own row;
+  large-batch control;
+* **early stopping**: with a validation split every run also records its network at the
+  evaluation point of lowest validation error. Each arm and control gets an ``ARM
+  (early-stopped)`` row, and the same paired comparisons are repeated on the early-stopped
+  networks as their own family of tests (subset ``early-stopped``, Holm within it), so a
+  control that loses only because it overfits a long budget is seen as such;
 * **flatness**: local energy ``delta_E(sigma)`` of each final evaluated network (the rSGD
   centre), paired against SGD's final network and against SGD at matched training error (SGD's
   local energy is measured at every evaluation point during its run).
@@ -86,7 +91,8 @@ _BUDGET_ALIASES = {
     "equal-epochs": ["epochs"],
     "both": ["grad-evals", "epochs"],
 }
-EARLY_STOPPED = "sgd (early-stopped)"
+#: paired-test family in which every arm and control is its early-stopped network
+EARLY_STOPPED_SUBSET = "early-stopped"
 LARGE_BATCH = "sgd-large-batch"
 REFERENCES = ("sgd", "sam")
 
@@ -497,7 +503,9 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
         )
         for arm in plan.arms:
             plan.configs[b][arm] = plan.configs[b][arm].replace(**chosen[arm])
-        if LARGE_BATCH in plan.configs[b] and "sgd" in chosen:
+        if LARGE_BATCH in plan.configs[b] and LARGE_BATCH not in chosen and "sgd" in chosen:
+            # the generated control (``large_batch``) takes SGD's values; a preset arm of that
+            # name was tuned like any other arm and keeps its own
             plan.configs[b][LARGE_BATCH] = plan.configs[b][LARGE_BATCH].replace(**chosen["sgd"])
     plan.tuned = report
     _finish_configs(plan)
@@ -799,21 +807,24 @@ def aggregate(
                 "mean": [row[f"dE({s:g})"] for s in sig],
                 "se": [_nan0(row[f"dE({s:g})_se"]) for s in sig],
             }
-            if arm == "sgd" and any(r["early_stopped_test_error"] is not None for r in rs):
-                es = summarize([r["early_stopped_test_error"] for r in rs])
-                table.append(
-                    {
-                        "budget": b,
-                        "optimizer": EARLY_STOPPED,
-                        "seeds": es["n"],
-                        "test_error": es["mean"],
-                        "test_error_std": es["std"],
-                        "test_error_se": es["se"],
-                    }
-                )
+        stopped = _early_stopped(by_arm)
+        for arm, rs in stopped.items():
+            es = summarize([r["test_error"] for r in rs])
+            table.append(
+                {
+                    "budget": b,
+                    "optimizer": early_stopped_label(arm),
+                    "seeds": es["n"],
+                    "test_error": es["mean"],
+                    "test_error_std": es["std"],
+                    "test_error_se": es["se"],
+                }
+            )
         paired += _paired_rows(plan, b, by_arm, "all")
         if any(r["collapsed"] for rs in by_arm.values() for r in rs):
             paired += _paired_rows(plan, b, by_arm, "without collapsed")
+        if set(stopped) == set(by_arm):
+            paired += _paired_rows(plan, b, stopped, EARLY_STOPPED_SUBSET)
         flat += _flat_rows(plan, b, by_arm)
     return CompareResult(
         table,
@@ -827,6 +838,26 @@ def aggregate(
         flatness_tests=flat,
         tuning=plan.tuned,
     )
+
+
+def early_stopped_label(arm: str) -> str:
+    """Table label of ``arm``'s early-stopped networks (``sgd (early-stopped)``)."""
+    return f"{arm} (early-stopped)"
+
+
+def _early_stopped(by_arm: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Every arm whose runs chose an early-stopping point on the validation split, its runs
+    with ``test_error`` replaced by the test error at that point (the same seeds, flags kept).
+
+    An arm is left out when any of its complete runs has no early-stopped record (no
+    validation split): the early-stopped family of tests is formed only when every arm has one.
+    """
+    out = {}
+    for arm, rs in by_arm.items():
+        done = [r for r in rs if r["status"] == "complete"]
+        if done and all(r["early_stopped_test_error"] is not None for r in done):
+            out[arm] = [{**r, "test_error": r["early_stopped_test_error"]} for r in rs]
+    return out
 
 
 def _nan0(x: float) -> float:

@@ -261,11 +261,17 @@ def _budget_section(result: CompareResult, b: str) -> list[str]:
             + ". Controls take the SGD arm's settings.",
             "",
         ]
-    for subset in ("all", "without collapsed"):
+    for subset in ("all", "without collapsed", "early-stopped"):
         prs = [r for r in result.paired if r["budget"] == b and r.get("subset") == subset]
         if prs:
+            what = (
+                "every network at its evaluation point of lowest validation error, "
+                "a family of its own"
+                if subset == "early-stopped"
+                else f"{subset} runs"
+            )
             lines += [
-                f"Paired test error ({subset} runs):",
+                f"Paired test error ({what}):",
                 "",
                 format_table(prs, _PAIRED_COLS, markdown=True),
                 "",
