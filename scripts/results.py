@@ -736,6 +736,10 @@ def import_compare(root: Path, run_dir: Path, name: str) -> Path:
         shutil.copyfile(run_dir / f, dest / f)
     full = json.loads((run_dir / "results.json").read_text())
     keep = {k: full.get(k) for k in ("settings", "configs", "tuning")}
+    preset = (keep.get("settings") or {}).get("preset")
+    if isinstance(preset, str) and "/src/flatminima/presets/" in preset:
+        # a built-in preset: its path in the repository, not on the machine that ran it
+        keep["settings"]["preset"] = "src/flatminima/presets/" + Path(preset).name
     (dest / "settings.json").write_text(json.dumps(keep, indent=1, default=str) + "\n")
     rows = [
         {

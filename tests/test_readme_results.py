@@ -212,7 +212,12 @@ def test_import_compare_copies_the_csvs_and_keeps_the_study_margin(tmp_path):
     run = dict(budget="grad-evals", arm="sam", seed=3, local_energy_sigmas=[0.1, 0.5],
                local_energy_error=[0.02, 0.2])  # fmt: skip
     (run_dir / "results.json").write_text(
-        json.dumps({"settings": {"margin": 0.005}, "runs": [run]})
+        json.dumps(
+            {
+                "settings": {"margin": 0.005, "preset": "/x/src/flatminima/presets/toy.yaml"},
+                "runs": [run],
+            }
+        )
     )
     root = tmp_path / "repo"
     dest = R.import_compare(root, run_dir, "toy")
@@ -225,7 +230,9 @@ def test_import_compare_copies_the_csvs_and_keeps_the_study_margin(tmp_path):
         ("3", "0.5", "0.2"),
     ]
     assert "TOST margin 0.5 pp" in R.block_compare(root, "toy")
-    assert "runs" not in (dest / "settings.json").read_text()  # per-run histories stay out
+    saved = json.loads((dest / "settings.json").read_text())
+    assert "runs" not in saved  # per-run histories stay out
+    assert saved["settings"]["preset"] == "src/flatminima/presets/toy.yaml"  # not this machine's
     with pytest.raises(SystemExit, match="missing results.json"):
         (run_dir / "results.json").unlink()
         R.import_compare(root, run_dir, "toy")
