@@ -240,6 +240,33 @@ def test_a_preset_large_batch_arm_keeps_its_own_tuned_values(tmp_path):
     assert cfg["batch_size"] == 128 and res.configs["grad-evals"]["sgd"]["lr"] in (0.02, 0.05)
 
 
+def test_controls_can_be_tuned_at_their_own_budget_with_sgds_search(tmp_path):
+    space = {"sgd": {"lr": [0.02, 0.3]}, "sam": {"rho": [0.01, 0.05]}}
+    study = {"tuning": {"seeds": 3, "max_extend": 0, "space": space, "controls": "tuned"}}
+    res = compare(
+        tmp_path,
+        preset=digits_preset(study, epochs=1),
+        optimizers=["sgd", "sam"],
+        seeds=1,
+        budget="epochs",
+        sigmas=[0.5],
+        flatness_draws=1,
+        flatness_samples=100,
+    )
+    label = control_label("sam")
+    own = json.loads((tmp_path / f"tuning/epochs/{label}/tuning.json").read_text())
+    sgd = json.loads((tmp_path / "tuning/epochs/sgd/tuning.json").read_text())
+    assert own["n_planned"] == sgd["n_planned"] == 2 and own["seeds"] == sgd["seeds"]
+    assert own["base_config"]["epochs"] == 2 and own["base_config"]["evaluate_test"] is False
+    assert res.configs["epochs"][label]["lr"] == own["chosen"]["lr"]
+    assert res.configs["epochs"][label]["epochs"] == 2  # still the control's budget
+    assert res.settings["control_tuning"] == "tuned" and label in res.tuning["epochs"]
+    assert "tuned at their own budget" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="study.tuning.controls"):
+        bad = {"tuning": {**study["tuning"], "controls": "yes"}}
+        compare(tmp_path / "bad", preset=digits_preset(bad), optimizers=["sgd"], seeds=1)
+
+
 def test_matched_training_error_rule():
     hist = [
         {"train_error": 0.50, "local_energy_error_s0.5": 0.9},

@@ -94,6 +94,10 @@ _BUDGET_ALIASES = {
 #: paired-test family in which every arm and control is its early-stopped network
 EARLY_STOPPED_SUBSET = "early-stopped"
 LARGE_BATCH = "sgd-large-batch"
+#: how the controls at equal epochs get their hyperparameters (``study.tuning.controls``):
+#: ``inherit`` the SGD arm's tuned values, or be ``tuned`` at their own budget with the SGD
+#: arm's search (same planned trials, seeds and validation split as every arm)
+CONTROL_TUNING = ("inherit", "tuned")
 REFERENCES = ("sgd", "sam")
 
 
@@ -311,11 +315,16 @@ def _tuning_spec(study: dict[str, Any], tune: bool | None) -> dict[str, Any] | N
             f"Invalid study.tuning {spec!r}: 'none' or a mapping with 'space' "
             "(per arm: {key: [values], then: {key: [values]}}), 'seeds', 'val_size', 'max_extend'"
         )
-    bad = sorted(set(spec) - {"space", "seeds", "val_size", "max_extend", "allow_weak"})
+    bad = sorted(set(spec) - {"space", "seeds", "val_size", "max_extend", "allow_weak", "controls"})
     if bad:
         raise ValueError(
             f"Unknown study.tuning key(s) {bad}; valid: space, seeds, val_size, max_extend, "
-            "allow_weak"
+            "allow_weak, controls"
+        )
+    if spec.get("controls", "inherit") not in CONTROL_TUNING:
+        raise ValueError(
+            f"Invalid study.tuning.controls {spec.get('controls')!r}; valid: "
+            + ", ".join(CONTROL_TUNING)
         )
     return spec
 
@@ -464,14 +473,19 @@ def _finish_configs(plan: ComparePlan) -> None:
                 batch_size=r.num_replicas * r.batch_size, flatness_epochs=[]
             )
             plan.controls[b][LARGE_BATCH] = "rsgd"
+        for label in plan.controls[b]:  # controls tuned at their own budget keep their values
+            own = plan.tuned.get(b, {}).get(label)
+            if own is not None:
+                cfgs[label] = cfgs[label].replace(**own["chosen"])
 
 
 def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
     """Stage 2: tune every arm at every budget on its tuning seeds; apply the chosen values.
 
     SGD and eSGD train the same run under both budgets, so their ``epochs`` tuning is the
-    ``grad-evals`` one. Controls take the tuned SGD values. Returns ``{budget: {arm:
-    tuning.json contents}}``.
+    ``grad-evals`` one. Controls take the tuned SGD values, or, with
+    ``study.tuning.controls: tuned``, are tuned at their own budget with SGD's search
+    (:func:`_tune_controls`). Returns ``{budget: {arm or control: tuning.json contents}}``.
     """
 
     spec = plan.tuning or {}
@@ -496,6 +510,8 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
                 allow_weak=bool(spec.get("allow_weak", False)),
             )
             report[b][arm] = res.to_dict()
+        if spec.get("controls", "inherit") == "tuned":
+            report[b].update(_tune_controls(plan, b, seeds, executor))
     for b in plan.budgets:
         chosen = {arm: report[b][arm]["chosen"] for arm in plan.arms}
         plan.configs[b] = compare_configs(
@@ -510,6 +526,35 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
     plan.tuned = report
     _finish_configs(plan)
     return report
+
+
+def _tune_controls(
+    plan: ComparePlan, b: str, seeds: list[int], executor: Any
+) -> dict[str, dict[str, Any]]:
+    """Tune every control of budget ``b`` at its own budget (``study.tuning.controls: tuned``).
+
+    A control is SGD, so it gets the SGD arm's search space (the same planned trials as every
+    arm), the tuning seeds and the validation split; its base is the control as planned before
+    tuning (SGD's untuned settings at the control's epochs or batch size).
+    """
+    spec = plan.tuning or {}
+    out = {}
+    for label in plan.controls.get(b, {}):
+        val = spec.get("val_size")
+        base = plan.configs[b][label]
+        base = base.replace(val_size=val) if val is not None else base
+        space = SearchSpace.parse(spec["space"]["sgd"], int(spec.get("max_extend", 2)))
+        res = tune_arm(
+            plan.out / "tuning" / b / label,
+            base,
+            space,
+            seeds,
+            arm=label,
+            executor=executor,
+            allow_weak=bool(spec.get("allow_weak", False)),
+        )
+        out[label] = res.to_dict()
+    return out
 
 
 def _run_record(plan: ComparePlan, b: str, label: str, s: int, data: DataCache) -> dict[str, Any]:
@@ -880,6 +925,7 @@ def _settings(plan: ComparePlan, executor: dict[str, Any] | None) -> dict[str, A
         "collapse_fraction": COLLAPSE_FRACTION,
         "controls": plan.controls,
         "tuned": plan.tuning is not None,
+        "control_tuning": (plan.tuning or {}).get("controls", "inherit") if plan.tuning else None,
         "tuning_seeds": _tuning_seeds(plan) if plan.tuning is not None else [],
         "provenance": study.get("provenance"),
         "executor": executor or {},

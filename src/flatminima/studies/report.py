@@ -258,7 +258,12 @@ def _budget_section(result: CompareResult, b: str) -> list[str]:
                 )
                 for c, a in controls.items()
             )
-            + ". Controls take the SGD arm's settings.",
+            + (
+                ". Controls were tuned at their own budget with the SGD arm's search "
+                "(section Tuning)."
+                if result.settings.get("control_tuning") == "tuned"
+                else ". Controls take the SGD arm's settings."
+            ),
             "",
         ]
     for subset in ("all", "without collapsed", "early-stopped"):
