@@ -499,17 +499,7 @@ def tune_stage(plan: ComparePlan, executor: Any) -> dict[str, dict[str, Any]]:
             if b == "epochs" and same and "grad-evals" in report:
                 report[b][arm] = report["grad-evals"][arm]
                 continue
-            space = SearchSpace.parse(spec["space"][arm], int(spec.get("max_extend", 2)))
-            res = tune_arm(
-                plan.out / "tuning" / b / arm,
-                base,
-                space,
-                seeds,
-                arm=arm,
-                executor=executor,
-                allow_weak=bool(spec.get("allow_weak", False)),
-            )
-            report[b][arm] = res.to_dict()
+            report[b][arm] = _tune_one(plan, b, arm, base, spec["space"][arm], seeds, executor)
         if spec.get("controls", "inherit") == "tuned":
             report[b].update(_tune_controls(plan, b, seeds, executor))
     for b in plan.budgets:
@@ -543,18 +533,32 @@ def _tune_controls(
         val = spec.get("val_size")
         base = plan.configs[b][label]
         base = base.replace(val_size=val) if val is not None else base
-        space = SearchSpace.parse(spec["space"]["sgd"], int(spec.get("max_extend", 2)))
-        res = tune_arm(
-            plan.out / "tuning" / b / label,
-            base,
-            space,
-            seeds,
-            arm=label,
-            executor=executor,
-            allow_weak=bool(spec.get("allow_weak", False)),
-        )
-        out[label] = res.to_dict()
+        out[label] = _tune_one(plan, b, label, base, spec["space"]["sgd"], seeds, executor)
     return out
+
+
+def _tune_one(
+    plan: ComparePlan,
+    b: str,
+    label: str,
+    base: TrainConfig,
+    space: Any,
+    seeds: list[int],
+    executor: Any,
+) -> dict[str, Any]:
+    """Tune one arm or control from ``base`` over the search ``space`` (the preset's mapping)
+    into ``OUT/tuning/BUDGET/LABEL``; returns its tuning.json contents."""
+    spec = plan.tuning or {}
+    res = tune_arm(
+        plan.out / "tuning" / b / label,
+        base,
+        SearchSpace.parse(space, int(spec.get("max_extend", 2))),
+        seeds,
+        arm=label,
+        executor=executor,
+        allow_weak=bool(spec.get("allow_weak", False)),
+    )
+    return res.to_dict()
 
 
 def _run_record(plan: ComparePlan, b: str, label: str, s: int, data: DataCache) -> dict[str, Any]:
