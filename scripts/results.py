@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 #: files that may hold generated blocks (relative to the repository root)
-DOCS = ("README.md", "docs/gmm.md", "docs/study-digits-report.md")
+DOCS = ("README.md", "docs/gmm.md", "docs/study-digits-report.md", "docs/fashion-cnn-cpu-report.md")
 MARK = re.compile(r"<!-- results:([\w.-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 #: the GMM settings of the study (folder under docs/results/) and their README names
 GMM_SETTINGS = {

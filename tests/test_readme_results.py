@@ -34,7 +34,9 @@ def test_every_block_in_the_readme_is_generated():
         "gmm-balanced",
         "gmm-rho0.3",
         "gmm-delta0.5",
-        "fashion-cnn-cpu-previous",
+        "compare-fashion-cnn-cpu",
+        "compare-small-train",
+        "compare-label-noise40",
     ):
         assert f"<!-- results:{name} -->" in results, name
 
