@@ -37,6 +37,7 @@ def test_every_block_in_the_readme_is_generated():
         "compare-fashion-cnn-cpu",
         "compare-small-train",
         "compare-label-noise40",
+        "compare-large-batch",
     ):
         assert f"<!-- results:{name} -->" in results, name
 

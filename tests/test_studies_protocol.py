@@ -218,22 +218,29 @@ def test_a_preset_large_batch_arm_keeps_its_own_tuned_values(tmp_path):
                 "tuning": {
                     "seeds": 3,
                     "max_extend": 0,
-                    "space": {"sgd": {"lr": [0.02, 0.05]}, "sgd-large-batch": {"lr": [0.3, 0.6]}},
+                    "space": {
+                        "sgd": {"lr": [0.02, 0.05]},
+                        "sgd-large-batch": {"lr": [0.3, 0.6]},
+                        "rsgd": {"lr": [0.3, 0.6]},
+                    },
                 }
             },
-            "common": {**DIGITS, "epochs": 1},
+            "common": {**DIGITS, "epochs": 3},
+            "rsgd": {"num_replicas": 2},
             "sgd-large-batch": {"optimizer": "sgd", "batch_size": 128},
         }
     )
     res = compare(
         tmp_path,
         preset=preset,
-        optimizers=["sgd", "sgd-large-batch"],
+        optimizers=["sgd", "sgd-large-batch", "rsgd"],
         seeds=1,
         sigmas=[0.5],
         flatness_draws=1,
         flatness_samples=100,
     )
+    pairs = {(r["optimizer"], r["reference"]) for r in res.paired}
+    assert pairs == {("sgd-large-batch", "sgd"), ("rsgd", "sgd"), ("rsgd", "sgd-large-batch")}
     cfg = res.configs["grad-evals"]["sgd-large-batch"]
     chosen = json.loads((tmp_path / "tuning/grad-evals/sgd-large-batch/tuning.json").read_text())
     assert cfg["lr"] == chosen["chosen"]["lr"] in (0.3, 0.6)

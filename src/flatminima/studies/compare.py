@@ -749,6 +749,8 @@ def _comparisons(plan: ComparePlan, b: str) -> list[tuple[str, str]]:
                 and not (a in REFERENCES and REFERENCES.index(a) < REFERENCES.index(ref))
             ]
     pairs += [(arm, ctrl) for ctrl, arm in plan.controls.get(b, {}).items()]
+    if LARGE_BATCH in arms and "rsgd" in arms and ("rsgd", LARGE_BATCH) not in pairs:
+        pairs.append(("rsgd", LARGE_BATCH))  # a preset arm: rSGD against the batch it replaces
     return pairs
 
 
