@@ -426,9 +426,19 @@ def _tuning_base(plan: ComparePlan, arm: str, budget: str) -> TrainConfig:
     Raises:
         ValueError: no validation split (tuning never reads the test set).
     """
-    base = arm_config(plan.preset, arm, {**plan.overrides, "budget": budget})
+    return _with_tuning_split(
+        plan, arm_config(plan.preset, arm, {**plan.overrides, "budget": budget})
+    )
+
+
+def _with_tuning_split(plan: ComparePlan, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the tuning spec's validation split (``study.tuning.val_size``, else its own).
+
+    Raises:
+        ValueError: no validation split (tuning never reads the test set).
+    """
     val = (plan.tuning or {}).get("val_size")
-    base = base.replace(val_size=val) if val is not None else base
+    base = cfg.replace(val_size=val) if val is not None else cfg
     if base.val_size <= 0:
         raise ValueError(
             f"Invalid tuning val_size {base.val_size!r}: tuning needs a validation split "
@@ -527,14 +537,19 @@ def _tune_controls(
     arm), the tuning seeds and the validation split; its base is the control as planned before
     tuning (SGD's untuned settings at the control's epochs or batch size).
     """
-    spec = plan.tuning or {}
-    out = {}
-    for label in plan.controls.get(b, {}):
-        val = spec.get("val_size")
-        base = plan.configs[b][label]
-        base = base.replace(val_size=val) if val is not None else base
-        out[label] = _tune_one(plan, b, label, base, spec["space"]["sgd"], seeds, executor)
-    return out
+    sgd_space = (plan.tuning or {})["space"]["sgd"]
+    return {
+        label: _tune_one(
+            plan,
+            b,
+            label,
+            _with_tuning_split(plan, plan.configs[b][label]),
+            sgd_space,
+            seeds,
+            executor,
+        )
+        for label in plan.controls.get(b, {})
+    }
 
 
 def _tune_one(
@@ -931,7 +946,7 @@ def _settings(plan: ComparePlan, executor: dict[str, Any] | None) -> dict[str, A
         "collapse_fraction": COLLAPSE_FRACTION,
         "controls": plan.controls,
         "tuned": plan.tuning is not None,
-        "control_tuning": (plan.tuning or {}).get("controls", "inherit") if plan.tuning else None,
+        "control_tuning": plan.tuning.get("controls", "inherit") if plan.tuning else None,
         "tuning_seeds": _tuning_seeds(plan) if plan.tuning is not None else [],
         "provenance": study.get("provenance"),
         "executor": executor or {},
